@@ -1,0 +1,63 @@
+# dyqvla_ros: `make demo` and `make test` work on a fresh machine (they run `make setup`).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# ament_index_python finds packages through AMENT_PREFIX_PATH (the venv prefix when
+# ROS 2 comes from pip); DDS stays on loopback so tests never touch the LAN.
+export AMENT_PREFIX_PATH := $(abspath $(VENV))$(if $(AMENT_PREFIX_PATH),:$(AMENT_PREFIX_PATH))
+export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(VENV)/.pkg-stamp
+
+$(VENV)/.venv-stamp:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	touch $@
+
+$(VENV)/.deps-stamp: $(VENV)/.venv-stamp requirements-ros.txt requirements.txt requirements-dev.txt
+	$(BIN)/python -m pip install -q -r requirements-ros.txt -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.msgs-stamp: $(VENV)/.deps-stamp $(wildcard msg/*.txt msg/*.xml msg/*.toml msg/msg/*.msg)
+	$(BIN)/python -m pip install -q --no-build-isolation ./msg
+	touch $@
+
+# Editable installs skip setup.py's data_files, so link the ament index marker,
+# package.xml, launch/ and config/ into the venv's share/ the way
+# `colcon build --symlink-install` would (edits to config/ show up at once).
+SHARE := $(VENV)/share/dyqvla_ros
+$(VENV)/.pkg-stamp: $(VENV)/.msgs-stamp setup.py setup.cfg package.xml
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	mkdir -p $(VENV)/share/ament_index/resource_index/packages $(SHARE)
+	ln -sfn $(abspath resource/dyqvla_ros) $(VENV)/share/ament_index/resource_index/packages/dyqvla_ros
+	ln -sfn $(abspath package.xml) $(SHARE)/package.xml
+	ln -sfn $(abspath launch) $(SHARE)/launch
+	ln -sfn $(abspath config) $(SHARE)/config
+	touch $@
+
+demo: setup
+	# For now: start the policy node, let it run briefly, stop it with SIGINT and
+	# require a clean exit (status 0).
+	timeout --preserve-status -s INT 6 $(BIN)/policy_node --ros-args --params-file config/policy.yaml
+
+test: setup
+	$(BIN)/pytest -q test
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python bench/monitor_overhead.py
+	$(BIN)/python bench/kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,35 @@
+"""ament_python setup for dyqvla_ros.
+
+`kernels/` lives at the repository root (the project's layout) but is shipped as the
+sub-package `dyqvla_ros.kernels`, so no top-level module called `kernels` is installed.
+"""
+
+from glob import glob
+
+from setuptools import setup
+
+PACKAGE = "dyqvla_ros"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=[PACKAGE, f"{PACKAGE}.kernels"],
+    package_dir={PACKAGE: PACKAGE, f"{PACKAGE}.kernels": "kernels"},
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", glob("config/*")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=False,
+    maintainer="dyqvla_ros maintainers",
+    maintainer_email="dyqvla@example.com",
+    description="DyQ-VLA dynamic activation quantization for OpenVLA-shaped policies on ROS 2",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+            "policy_node = dyqvla_ros.policy_node:main",
+        ],
+    },
+)
