@@ -14,7 +14,7 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     packages=[PACKAGE, f"{PACKAGE}.kernels"],
-    package_dir={PACKAGE: PACKAGE, f"{PACKAGE}.kernels": "kernels"},
+    package_dir={f"{PACKAGE}.kernels": "kernels"},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),

@@ -29,8 +29,8 @@ Choices where the paper is silent (each one is tested in test/test_kinematics.py
   is added to any history or window, the previous valid rotation stays the reference
   for the next jerk, and the returned state has ``valid=False`` (fail-safe 16 bits).
 
-State is kept in ``array('f')`` buffers (float32) so the whole monitor stays within the
-paper's memory budget; see ``state_bytes()``.
+State is kept in ``array`` buffers (float32 values, uint16 slot indices, 6 bytes per
+history entry) so monitor and dispatcher stay within 16 KB; see ``state_bytes()``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import math
 from array import array
 from bisect import bisect_left, insort
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_PERCENTILE = 95.0
 DEFAULT_HISTORY = 1000
@@ -47,8 +47,7 @@ DEFAULT_W_MACRO = 10  # paper §VI-D
 DEFAULT_W_MICRO = 5  # paper §VI-D
 
 
-@dataclass(frozen=True, slots=True)
-class KinematicState:
+class KinematicState(NamedTuple):
     """What the monitor reports for one control step (all finite floats)."""
 
     motion_fineness: float  # M_t
@@ -79,43 +78,49 @@ def validate_monitor_params(percentile: float, history: int, w_macro: int, w_mic
 class _PercentileHistory:
     """Bounded FIFO of float32 values with an O(log n) running percentile.
 
-    A ring keeps arrival order (to evict the oldest); a sorted copy gives order
-    statistics. Both are ``array('f')``: 4 bytes per value each.
+    ``_values`` is a ring in arrival order (to know which value to evict);
+    ``_order`` holds ring slots sorted by (value, slot), so order statistics are two
+    lookups and the oldest slot is found by bisection even among equal values.
+    6 bytes per value (float32 + uint16 slot index).
     """
 
-    __slots__ = ("_capacity", "_next", "_ring", "_sorted")
+    __slots__ = ("_capacity", "_next", "_order", "_values")
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._ring = array("f")
-        self._sorted = array("f")
+        self._values = array("f")
+        self._order = array("H" if capacity <= 0xFFFF else "I")
         self._next = 0  # ring slot to overwrite once full
 
     def __len__(self) -> int:
-        return len(self._ring)
+        return len(self._values)
+
+    def _key(self, slot: int) -> tuple[float, int]:
+        return self._values[slot], slot
 
     def push(self, value: float) -> None:
-        stored = array("f", (value,))[0]  # round to float32 once, the value both copies hold
-        if len(self._ring) < self._capacity:
-            self._ring.append(stored)
+        if len(self._values) < self._capacity:
+            slot = len(self._values)
+            self._values.append(value)
         else:
-            oldest = self._ring[self._next]
-            del self._sorted[bisect_left(self._sorted, oldest)]
-            self._ring[self._next] = stored
-            self._next = (self._next + 1) % self._capacity
-        insort(self._sorted, stored)
+            slot = self._next
+            del self._order[bisect_left(self._order, self._key(slot), key=self._key)]
+            self._values[slot] = value  # rounds to float32
+            self._next = (slot + 1) % self._capacity
+        insort(self._order, slot, key=self._key)
 
     def percentile(self, q: float) -> float:
         """numpy.percentile(values, q) with the default linear interpolation."""
-        s = self._sorted
-        rank = (len(s) - 1) * q / 100.0
+        values, order = self._values, self._order
+        rank = (len(order) - 1) * q / 100.0
         lo = int(rank)
-        if lo + 1 >= len(s):
-            return float(s[lo])
-        return float(s[lo] + (s[lo + 1] - s[lo]) * (rank - lo))
+        low = values[order[lo]]
+        if lo + 1 >= len(order):
+            return low
+        return low + (values[order[lo + 1]] - low) * (rank - lo)
 
     def nbytes(self) -> int:
-        return (len(self._ring) + len(self._sorted)) * 4
+        return len(self._values) * self._values.itemsize + len(self._order) * self._order.itemsize
 
 
 class _WindowMean:
@@ -200,21 +205,18 @@ class KinematicMonitor:
 
     def update(self, delta_xyz: Sequence[float], delta_rot: Sequence[float]) -> KinematicState:
         """Feed the motion executed at step t: translation (m) and rotation (rad) deltas."""
-        x, y, z = (float(v) for v in delta_xyz)
-        r = tuple(float(v) for v in delta_rot)
-        if len(r) != 3:
-            raise ValueError(f"delta_rot must have 3 components, got {len(r)}")
-        if not all(math.isfinite(v) for v in (x, y, z, *r)):
+        x, y, z = delta_xyz
+        rx, ry, rz = delta_rot
+        isfinite = math.isfinite
+        if not (
+            isfinite(x) and isfinite(y) and isfinite(z) and isfinite(rx) and isfinite(ry) and isfinite(rz)
+        ):
             self.rejected += 1
             last = self.last
-            return KinematicState(
-                motion_fineness=last.motion_fineness if last else 0.0,
-                angular_jerk=last.angular_jerk if last else 0.0,
-                m_tilde=last.m_tilde if last else 0.0,
-                j_tilde=last.j_tilde if last else 0.0,
-                valid=False,
-                warming_up=len(self._translations) < self._warmup,
-            )
+            warming_up = len(self._translations) < self._warmup
+            if last is None:
+                return KinematicState(0.0, 0.0, 0.0, 0.0, valid=False, warming_up=warming_up)
+            return last._replace(valid=False, warming_up=warming_up)
 
         magnitude = math.sqrt(x * x + y * y + z * z)
         self._translations.push(magnitude)
@@ -225,18 +227,19 @@ class KinematicMonitor:
         if prev is None:
             j = 0.0  # first step of an episode: no a_{t-1}^rot, no jerk measured
         else:
-            jerk = math.sqrt(sum((a - b) ** 2 for a, b in zip(r, prev, strict=True)))
+            px, py, pz = prev
+            jerk = math.sqrt((rx - px) ** 2 + (ry - py) ** 2 + (rz - pz) ** 2)
             self._jerks.push(jerk)
             j = _ratio(jerk, self._jerks.percentile(self.percentile))
-        self._prev_rot = r  # type: ignore[assignment]
+        self._prev_rot = (float(rx), float(ry), float(rz))
 
         state = KinematicState(
-            motion_fineness=m,
-            angular_jerk=j,
-            m_tilde=self._m_window.push(m),
-            j_tilde=self._j_window.push(j),
-            valid=True,
-            warming_up=len(self._translations) < self._warmup,
+            m,
+            j,
+            self._m_window.push(m),
+            self._j_window.push(j),
+            True,
+            len(self._translations) < self._warmup,
         )
         self.last = state
         return state

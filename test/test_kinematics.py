@@ -75,7 +75,7 @@ def test_percentile_matches_numpy_and_history_is_bounded():
         s = mon.update(xyz, rng.normal(size=3) * 0.01)
     mu = np.percentile(np.array(mags[-50:], dtype=np.float64), 95)
     assert s.motion_fineness == pytest.approx(1 - float(mags[-1]) / mu, rel=1e-5)
-    assert mon.state_bytes() <= 2 * 2 * 50 * 4 + (10 + 5) * 8
+    assert mon.state_bytes() == 2 * 50 * (4 + 2) + (10 + 5) * 8  # bounded by `history`
 
 
 def test_nan_step_is_rejected_without_polluting_history():
