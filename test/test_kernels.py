@@ -1,0 +1,119 @@
+"""Triton kernels vs their PyTorch references, under TRITON_INTERPRET=1 on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dyqvla_ros.kernels.int4 import pack_int4, quantize_activations, unpack_int4
+from dyqvla_ros.kernels.w4a_gemm import w4a_gemm, w4a_gemm_reference
+
+BITS = (2, 4, 8, 16)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> None:
+    """torch.testing.assert_close, printing the first mismatching positions."""
+    bad = ~torch.isclose(actual, expected, rtol=rtol, atol=atol)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        detail = ", ".join(
+            f"{tuple(i)}: {actual[tuple(i)].item()} vs {expected[tuple(i)].item()}" for i in idx
+        )
+        pytest.fail(f"{int(bad.sum())} of {bad.numel()} elements differ; first: {detail}")
+
+
+def random_weights(k: int, n: int, group: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k_pad = -(-k // group) * group
+    q = torch.randint(-8, 8, (k_pad, n), generator=g, dtype=torch.int8)
+    q[k:] = 0
+    scales = (torch.rand(k_pad // group, n, generator=g) * 0.05 + 0.001).half()
+    return pack_int4(q), scales
+
+
+def activations(m: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, :: max(1, k // 5)] *= 25.0  # outlier channels, as in LLM activations
+    return x
+
+
+def test_pack_unpack_round_trip_and_layout():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(2).view(16, 2)
+    packed = pack_int4(q)
+    assert packed.shape == (8, 2) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), q)
+    # byte [i, n] = q[2i] in the low nibble, q[2i+1] in the high nibble
+    assert packed[0, 0].item() == ((q[0, 0].item() & 0xF) | ((q[1, 0].item() & 0xF) << 4)) == 0xA8
+    with pytest.raises(ValueError, match="K must be even"):
+        pack_int4(q[:3])
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(q * 2)
+
+
+def test_activation_quantizer_semantics():
+    x = torch.tensor([[-1.0, 0.0, 0.5, 2.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    q, scale, zero = quantize_activations(x, 2)
+    assert torch.equal(scale, torch.tensor([1.0, 1.0, 4.0 / 3.0]))  # (max - min) / 3, 0 in range
+    assert torch.equal(zero, torch.tensor([1.0, 0.0, 0.0]))
+    # row 0: x / s = -1, 0, 0.5 -> 0 (half to even), 2 ; + z = 1, clamp to [0, 3]
+    assert q[0].tolist() == [0.0, 1.0, 1.0, 3.0]
+    assert q[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="activation bits"):
+        quantize_activations(x, 3)
+
+
+SHAPES = [
+    # (M, N, K, group) including ragged M, N and K (K padded to the group size)
+    (1, 64, 128, 128),
+    (3, 45, 100, 32),
+    (6, 42, 123, 64),
+    (17, 70, 256, 64),
+    (33, 20, 96, 32),
+]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m, n, k, group", SHAPES)
+def test_w4a_gemm_matches_reference(m, n, k, group, bits):
+    qweight, scales = random_weights(k, n, group, seed=m * 1000 + n)
+    x = activations(m, k, seed=k)
+    out = w4a_gemm(x, qweight, scales, bits, group)
+    ref = w4a_gemm_reference(x, qweight, scales, bits, group)
+    # Group accumulators are exact integers; only the fp32 sum over groups is reordered.
+    assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bits", BITS[:3])
+def test_integer_accumulators_are_bit_exact(bits):
+    """One group, no split: no fp32 reordering left, so any integer difference shows."""
+    qweight, scales = random_weights(128, 96, 128, seed=1)
+    x = activations(5, 128, seed=2)
+    out = w4a_gemm(x, qweight, scales, bits, 128, split_k=1)
+    assert torch.equal(out, w4a_gemm_reference(x, qweight, scales, bits, 128))
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_split_k_decode_variant(split_k):
+    qweight, scales = random_weights(192, 64, 32, seed=3)
+    x = activations(2, 192, seed=4)
+    ref = w4a_gemm_reference(x, qweight, scales, 8, 32)
+    out = w4a_gemm(x, qweight, scales, 8, 32, split_k=split_k)
+    assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_bf16_activations_16_bit_path():
+    qweight, scales = random_weights(128, 64, 64, seed=5)
+    x = activations(4, 128, seed=6).bfloat16()
+    ref = w4a_gemm_reference(x, qweight, scales, 16, 64)
+    assert_close(w4a_gemm(x, qweight, scales, 16, 64), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_wrapper_rejects_bad_shapes():
+    qweight, scales = random_weights(128, 64, 64, seed=7)
+    with pytest.raises(ValueError, match="bits"):
+        w4a_gemm(torch.randn(2, 128), qweight, scales, 3, 64)
+    with pytest.raises(ValueError, match="K=64"):
+        w4a_gemm(torch.randn(2, 64), qweight, scales, 8, 64)
+    with pytest.raises(ValueError, match="scales must be"):
+        w4a_gemm(torch.randn(2, 128), qweight, scales[:1], 8, 64)
