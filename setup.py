@@ -13,7 +13,7 @@ PACKAGE = "dyqvla_ros"
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=[PACKAGE, f"{PACKAGE}.kernels"],
+    packages=[PACKAGE, f"{PACKAGE}.kernels", f"{PACKAGE}.model"],
     package_dir={f"{PACKAGE}.kernels": "kernels"},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
@@ -30,6 +30,7 @@ setup(
     entry_points={
         "console_scripts": [
             "policy_node = dyqvla_ros.policy_node:main",
+            "dyqvla-make-tiny = dyqvla_ros.model.tiny:main",
         ],
     },
 )

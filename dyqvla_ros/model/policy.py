@@ -1,0 +1,155 @@
+"""Split inference for the control loop: ``prefill`` while the dispatcher decides, then
+``decode`` the action tokens at the dispatched activation bit-width.
+
+``prefill(image, instruction)`` runs the vision encoder, the projector and the LLM over
+the prompt *except its last token* and keeps the KV cache. ``decode(state, bits)``
+feeds that last token and then each predicted token, so all ``action_dim`` (7) action
+tokens come from forward passes at ``bits``. ``decode`` first crops the cache back to
+the prefill, so one prefill can be decoded at several bit-widths (offline profiling).
+
+``prefill_bits``: 16 by default. The prefill starts before b*_t exists (the monitor
+runs during it), it builds the cache that every action token attends to, and at ~280
+tokens it is where activation outliers concentrate; keeping it at 16 bits bounds the
+error to what the dispatcher decided for the decode. ``"follow"`` runs it at the
+previous step's decode bits instead (faster when the previous step was quantized).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache, LlamaForCausalLM
+
+from dyqvla_ros.model.action_tokenizer import ActionStats, ActionTokenizer
+from dyqvla_ros.model.loader import LoadedOpenVLA
+from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
+from dyqvla_ros.quant import activation_bits, get_activation_bits, quantized_layers
+
+PREFILL_FOLLOW = "follow"
+# transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version has.
+_CACHE_KWARG = (
+    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+)
+
+
+@dataclass
+class PrefillState:
+    """What decode needs from a prefill: the KV cache and the last prompt token."""
+
+    cache: DynamicCache
+    length: int  # tokens in the cache after the prefill
+    last_token: torch.Tensor  # (1, 1)
+    bits: int  # activation bits the prefill ran at
+
+
+@dataclass(frozen=True)
+class VLAAction:
+    tokens: np.ndarray  # (D,) generated token ids
+    normalized: np.ndarray  # (D,) in [-1, 1]
+    action: np.ndarray  # (D,) un-normalised to the dataset's action space
+    bits: int
+
+
+class VLAPolicy:
+    """An OpenVLA model ready for per-step inference at a chosen activation precision.
+
+    Args:
+        loaded: result of ``load_openvla`` (optionally quantized with ``quantize_model``).
+        unnorm_key: dataset statistics to un-normalise with (None if there is only one).
+        prefill_bits: 2/4/8/16, or ``"follow"`` (previous decode's bits).
+        restrict_to_actions: greedy decode over the action tokens only (OpenVLA decodes
+            over the whole vocabulary; off by default to match it exactly).
+        center_crop: OpenVLA's LIBERO evaluation centre crop (90 % of the area).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedOpenVLA,
+        unnorm_key: str | None = None,
+        prefill_bits: int | str = 16,
+        restrict_to_actions: bool = False,
+        center_crop: bool = False,
+    ) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.stats = ActionStats.select(loaded.norm_stats, unnorm_key)
+        self.action_tokenizer = ActionTokenizer(loaded.config.text_vocab_size, loaded.config.n_action_bins)
+        self.quantized = bool(quantized_layers(self.model))
+        if prefill_bits != PREFILL_FOLLOW and prefill_bits not in (2, 4, 8, 16):
+            raise ValueError(f"prefill_bits must be 2, 4, 8, 16 or '{PREFILL_FOLLOW}', got {prefill_bits!r}")
+        if prefill_bits not in (16, PREFILL_FOLLOW) and not self.quantized:
+            raise ValueError("prefill_bits below 16 needs a quantized model")
+        self.prefill_bits = prefill_bits
+        backbone = self.model.vision_backbone
+        featurizers = [backbone.featurizer]
+        if backbone.use_fused_vision_backbone:
+            featurizers.append(backbone.fused_featurizer)
+        self.preprocess = ImagePreprocessor(featurizers, loaded.config.image_size, center_crop)
+        self.device = next(self.model.parameters()).device
+        self.dtype = self.model.language_model.get_input_embeddings().weight.dtype
+        self._last_decode_bits = 16
+        self._action_mask: torch.Tensor | None = None
+        if restrict_to_actions:
+            vocab = self.model.language_model.config.vocab_size
+            mask = torch.full((vocab,), float("-inf"), device=self.device)
+            ids = self.action_tokenizer.token_ids
+            mask[ids.start : ids.stop] = 0.0
+            self._action_mask = mask
+
+    @property
+    def action_dim(self) -> int:
+        return self.stats.dim
+
+    def _precision(self, bits: int):
+        """Context for running the model at ``bits``; unquantized models only run 16."""
+        if self.quantized:
+            return activation_bits(self.model, bits)
+        if bits != 16:
+            raise ValueError(f"the model is not quantized: it cannot run {bits}-bit activations")
+        return torch.inference_mode()  # any no-op context
+
+    @torch.inference_mode()
+    def prefill(self, image: np.ndarray, instruction: str) -> PrefillState:
+        """Vision encoder + LLM prefill over the prompt without its last token."""
+        ids = prompt_ids(self.tokenizer, instruction).to(self.device)
+        pixels = self.preprocess(image).to(self.device, self.dtype)
+        bits = self._last_decode_bits if self.prefill_bits == PREFILL_FOLLOW else int(self.prefill_bits)
+        if not self.quantized:
+            bits = 16
+        with self._precision(bits):
+            embeds = self.model.embed(ids[:, :-1], pixels)
+            cache = DynamicCache(config=self.model.language_model.config)
+            self.model.language_model(inputs_embeds=embeds, use_cache=True, **{_CACHE_KWARG: cache})
+        return PrefillState(cache=cache, length=embeds.shape[1], last_token=ids[:, -1:], bits=bits)
+
+    @torch.inference_mode()
+    def decode(self, state: PrefillState, bits: int) -> VLAAction:
+        """Greedy decode of the action tokens with activations at ``bits``."""
+        extra = state.cache.get_seq_length() - state.length
+        if extra > 0:
+            state.cache.crop(-extra)  # back to the prefill (a negative count removes tokens)
+        token = state.last_token
+        tokens = []
+        with self._precision(bits):
+            for _ in range(self.action_dim):
+                out = self.model.language_model(
+                    input_ids=token, use_cache=True, **{_CACHE_KWARG: state.cache}
+                )
+                logits = out.logits[:, -1].float()
+                if self._action_mask is not None:
+                    logits = logits + self._action_mask
+                token = logits.argmax(dim=-1, keepdim=True)
+                tokens.append(int(token))
+        self._last_decode_bits = bits
+        ids = np.asarray(tokens, dtype=np.int64)
+        normalized = self.action_tokenizer.decode(ids)
+        return VLAAction(ids, normalized, self.stats.unnormalize(normalized), bits)
+
+    def predict(self, image: np.ndarray, instruction: str, bits: int = 16) -> VLAAction:
+        return self.decode(self.prefill(image, instruction), bits)
+
+    def active_bits(self) -> int:
+        return get_activation_bits(self.model) if self.quantized else 16

@@ -1,0 +1,154 @@
+"""``dyqvla-make-tiny OUT``: a tiny OpenVLA with the real architecture, built offline.
+
+Same parameter names, config.json fields and checkpoint files as ``openvla/openvla-7b``;
+only the sizes differ (2-layer Llama of width 64, 3-block ViTs of width 32 and 48), set
+through ``dyqvla_timm_overrides`` and ``text_config``. The vocabulary has the real
+layout: 32000 text tokens (``<unk>``, ``<s>``, ``</s>``, 256 byte-fallback tokens,
+single characters, the empty token "▁" at id 29871, the 256 action tokens last),
+``<PAD>`` at 32000, and embeddings padded to 32064. Its tokenizer is a character-level
+BPE built with the ``tokenizers`` library, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import string
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, normalizers, processors
+from tokenizers.models import BPE
+from transformers import PreTrainedTokenizerFast
+
+from dyqvla_ros.model.config import OpenVLAConfig
+from dyqvla_ros.model.loader import DEFAULT_CACHE_DIR, build_model
+from dyqvla_ros.model.processing import EMPTY_TOKEN_ID
+
+TEXT_VOCAB = 32000
+PADDED_VOCAB = 32064
+TINY_UNNORM_KEY = "dyqvla_tiny"
+# Action statistics of the tiny model: 7-D deltas (m, rad) and a gripper in [0, 1].
+TINY_ACTION_STATS = {
+    "q01": [-0.03, -0.03, -0.03, -0.2, -0.2, -0.2, 0.0],
+    "q99": [0.03, 0.03, 0.03, 0.2, 0.2, 0.2, 1.0],
+    "mask": [True, True, True, True, True, True, False],
+}
+
+
+def tiny_config_dict(seed: int) -> dict:
+    """config.json of the tiny model (fields of the published OpenVLA config)."""
+    return {
+        "model_type": "openvla",
+        "architectures": ["OpenVLAForActionPrediction"],
+        "vision_backbone_id": "dinosiglip-vit-so-224px",
+        "llm_backbone_id": "llama2-7b-pure",
+        "arch_specifier": "no-align+fused-gelu-mlp",
+        "use_fused_vision_backbone": True,
+        "image_resize_strategy": "resize-naive",
+        "image_sizes": [224, 224],
+        "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
+        "timm_override_act_layers": [None, None],
+        "hf_llm_id": "meta-llama/Llama-2-7b-hf",
+        "llm_max_length": 2048,
+        "pad_token_id": 32000,
+        "pad_to_multiple_of": 64,
+        "n_action_bins": 256,
+        "output_projector_states": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": transformers.__version__,
+        "text_config": {
+            "model_type": "llama",
+            "vocab_size": PADDED_VOCAB,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-6,
+            "pad_token_id": 32000,
+            "torch_dtype": "bfloat16",
+        },
+        "dyqvla_timm_overrides": [
+            {"embed_dim": 32, "depth": 3, "num_heads": 2},
+            {"embed_dim": 48, "depth": 3, "num_heads": 2},
+        ],
+        "dyqvla_tiny_seed": seed,
+    }
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama-2-shaped vocabulary, character-level BPE with byte fallback."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    chars = [c for c in string.printable if c not in " \t\n\r\x0b\x0c"]
+    for c in chars:
+        vocab[c] = len(vocab)
+    while len(vocab) < TEXT_VOCAB:
+        if len(vocab) == EMPTY_TOKEN_ID:
+            vocab["▁"] = EMPTY_TOKEN_ID
+        else:
+            vocab[f"<unused_{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=2048
+    )
+    fast.add_special_tokens({"pad_token": "<PAD>"})  # id 32000, as in OpenVLA
+    return fast
+
+
+def make_tiny_openvla(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny OpenVLA checkpoint directory to ``out`` and return its path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = tiny_config_dict(seed)
+    torch.manual_seed(seed)
+    model = build_model(OpenVLAConfig.from_dict(data), device="cpu")
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer = build_tokenizer()
+    assert tokenizer.convert_tokens_to_ids("<PAD>") == data["pad_token_id"]
+    tokenizer.save_pretrained(str(out))
+    stats = {TINY_UNNORM_KEY: {"action": TINY_ACTION_STATS, "num_trajectories": 0, "num_transitions": 0}}
+    (out / "dataset_statistics.json").write_text(json.dumps(stats, indent=2))
+    (out / "config.json").write_text(json.dumps({**data, "norm_stats": stats}, indent=2))
+    return out
+
+
+def default_tiny_path() -> Path:
+    return DEFAULT_CACHE_DIR / "openvla-tiny"
+
+
+def ensure_tiny_openvla(path: str | Path | None = None, seed: int = 0) -> Path:
+    """The embedded default model: built on first use (about 5 s), then reused."""
+    path = Path(path).expanduser() if path else default_tiny_path()
+    if not (path / "config.json").is_file():
+        staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        make_tiny_openvla(staging, seed)
+        shutil.rmtree(path, ignore_errors=True)
+        staging.rename(path)  # whole directory appears at once
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the tiny OpenVLA-architecture model offline.")
+    parser.add_argument("out", type=Path, help="output checkpoint directory")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = parser.parse_args(argv)
+    path = make_tiny_openvla(args.out, args.seed)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"tiny OpenVLA written to {path} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

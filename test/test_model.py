@@ -1,0 +1,247 @@
+"""[M] OpenVLA implementation: tiny model round trips, tokenizers, loader errors, 7B names."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dyqvla_ros.model import ActionStats, ActionTokenizer, CheckpointError, VLAPolicy, load_openvla
+from dyqvla_ros.model.config import OpenVLAConfig
+from dyqvla_ros.model.loader import build_model, load_quantized_openvla
+from dyqvla_ros.model.processing import EMPTY_TOKEN_ID, PROMPT_TEMPLATE, prompt_ids, validate_image
+from dyqvla_ros.model.tiny import TINY_UNNORM_KEY, make_tiny_openvla
+
+FIXTURES = Path(__file__).parent / "fixtures"
+INSTRUCTION = "put the red cube on the blue target"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_tiny_openvla(tmp_path_factory.mktemp("tiny") / "openvla-tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_openvla(tiny_dir)
+
+
+def image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tiny_is_deterministic_and_small(tiny_dir, tmp_path):
+    again = make_tiny_openvla(tmp_path / "again", seed=0)
+    a, b = load_file(str(tiny_dir / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    size = sum(f.stat().st_size for f in tiny_dir.iterdir())
+    assert size < 25e6
+    config = json.loads((tiny_dir / "config.json").read_text())
+    published = json.loads((FIXTURES / "openvla7b_config.json").read_text())
+    assert set(published) <= set(config)  # every published field is present
+
+
+def test_save_load_gives_identical_actions(tiny_dir, tiny):
+    again = load_openvla(tiny_dir)
+    file = load_file(str(tiny_dir / "model.safetensors"))
+    state = again.model.state_dict()
+    assert all(torch.equal(state[k], v.float()) for k, v in file.items())
+    a = VLAPolicy(tiny).predict(image(), INSTRUCTION)
+    b = VLAPolicy(again).predict(image(), INSTRUCTION)
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.action, b.action)
+
+
+def test_prompt_follows_openvla(tiny):
+    ids = prompt_ids(tiny.tokenizer, INSTRUCTION)
+    assert ids[0, 0].item() == tiny.tokenizer.bos_token_id == 1
+    assert ids[0, -1].item() == EMPTY_TOKEN_ID  # appended after "Out:"
+    text = tiny.tokenizer.decode(ids[0, 1:-1])
+    assert text == PROMPT_TEMPLATE.format(instruction=INSTRUCTION)
+    assert tiny.tokenizer.convert_tokens_to_ids("<PAD>") == 32000
+    assert len(tiny.tokenizer) == 32001
+    with pytest.raises(ValueError, match="instruction"):
+        prompt_ids(tiny.tokenizer, "  ")
+
+
+def test_action_tokenizer_against_hand_computed_values():
+    tok = ActionTokenizer(vocab_size=32000, n_bins=256)
+    assert tok.token_ids == range(31744, 32000)
+    # token 31999 -> bin 0 -> centre of [-1, -1 + 2/255]; 31744 -> bin 255 -> clipped to 254
+    expected = [-1 + 1 / 255, -1 + 3 / 255, 1 - 1 / 255, 1 - 1 / 255, -1 + 1 / 255]
+    assert np.allclose(tok.decode([31999, 31998, 31745, 31744, 32063]), expected)
+    assert np.allclose(tok.decode(tok.encode(np.array([-0.5, 0.0, 0.7]))), [-0.5, 0.0, 0.7], atol=1 / 255)
+
+
+def test_unnormalisation_and_keys():
+    norm_stats = {
+        "a": {"action": {"q01": [-1.0, 0.0, 0.0], "q99": [1.0, 2.0, 1.0], "mask": [True, True, False]}},
+        "b": {"action": {"q01": [0.0], "q99": [1.0]}},
+    }
+    stats = ActionStats.select(norm_stats, "a")
+    # 0.5 * (a + 1) * (q99 - q01) + q01 where masked; the gripper stays as is
+    assert np.allclose(stats.unnormalize(np.array([0.5, -1.0, 0.25])), [0.5, 0.0, 0.25])
+    assert np.allclose(stats.normalize(stats.unnormalize(np.array([0.5, -0.2, 1.0]))), [0.5, -0.2, 1.0])
+    with pytest.raises(ValueError, match=r"several datasets.*\['a', 'b'\]"):
+        ActionStats.select(norm_stats, None)
+    with pytest.raises(ValueError, match=r"'c' not found; available keys: \['a', 'b'\]"):
+        ActionStats.select(norm_stats, "c")
+    assert ActionStats.select({"only": norm_stats["b"]}, None).key == "only"
+
+
+def test_decode_at_16_bits_matches_transformers_generate(tiny):
+    policy = VLAPolicy(tiny)
+    img = image(1)
+    action = policy.predict(img, INSTRUCTION, bits=16)
+    with torch.inference_mode():
+        ids = prompt_ids(tiny.tokenizer, INSTRUCTION)
+        embeds = tiny.model.embed(ids, policy.preprocess(img))
+        generated = tiny.model.language_model.generate(
+            inputs_embeds=embeds, max_new_tokens=7, do_sample=False
+        )
+    assert generated[0].tolist() == action.tokens.tolist()
+    assert action.action.shape == (7,)
+
+
+def test_prefill_can_be_decoded_repeatedly(tiny):
+    policy = VLAPolicy(tiny)
+    state = policy.prefill(image(2), INSTRUCTION)
+    first = policy.decode(state, 16)
+    assert state.cache.get_seq_length() == state.length + 7  # last prompt token + 6 generated fed back
+    assert np.array_equal(policy.decode(state, 16).tokens, first.tokens)
+
+
+def test_every_bit_width_on_the_quantized_tiny_model(tiny_dir, tmp_path):
+    loaded = load_quantized_openvla(tiny_dir, cache_dir=tmp_path)
+    policy = VLAPolicy(loaded, restrict_to_actions=True)
+    state = policy.prefill(image(3), INSTRUCTION)
+    for bits in (16, 8, 4, 2):
+        action = policy.decode(state, bits)
+        assert action.bits == bits and action.action.shape == (7,)
+        assert np.all(np.isfinite(action.action))
+        assert all(t in policy.action_tokenizer.token_ids for t in action.tokens)
+        stats = policy.stats
+        assert np.all(action.action[stats.mask] >= stats.q01[stats.mask] - 1e-9)
+    with pytest.raises(ValueError, match="not quantized"):
+        VLAPolicy(load_openvla(tiny_dir)).predict(image(), INSTRUCTION, bits=4)
+
+
+def test_quantized_checkpoint_round_trip(tiny_dir, tmp_path):
+    first = load_quantized_openvla(tiny_dir, cache_dir=tmp_path, group_size=64)
+    cached = list(tmp_path.glob("*.safetensors"))
+    assert len(cached) == 1
+    second = load_quantized_openvla(tiny_dir, cache_dir=tmp_path, group_size=64)
+    for bits in (16, 4):
+        a = VLAPolicy(first).predict(image(4), INSTRUCTION, bits)
+        b = VLAPolicy(second).predict(image(4), INSTRUCTION, bits)
+        assert np.array_equal(a.tokens, b.tokens)
+    assert second.model.language_model.model.layers[0].self_attn.q_proj.group_size == 64
+
+
+def test_image_validation():
+    for bad in (
+        np.zeros((10, 10), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((10, 10, 4), np.uint8),
+    ):
+        with pytest.raises(ValueError, match="RGB uint8"):
+            validate_image(bad)
+
+
+def test_preprocessing_normalises_per_backbone(tiny):
+    policy = VLAPolicy(tiny)
+    pixels = policy.preprocess(np.full((50, 70, 3), 128, np.uint8))
+    assert pixels.shape == (1, 6, 224, 224)
+    v = 128 / 255
+    dino = [(v - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True)]
+    assert torch.allclose(pixels[0, :3, 100, 100], torch.tensor(dino), atol=1e-5)
+    assert torch.allclose(pixels[0, 3:, 100, 100], torch.tensor([(v - 0.5) / 0.5] * 3), atol=1e-5)
+
+
+def break_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_loader_errors_are_specific(tiny_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        load_openvla(tmp_path / "nope")
+
+    cases = {}
+    cases["no config.json"] = lambda p: (p / "config.json").unlink()
+    cases["unsupported config: model_type must be 'openvla'"] = lambda p: break_config(p, model_type="llava")
+    cases["text_config.model_type must be 'llama'"] = lambda p: break_config(
+        p, text_config={"model_type": "mistral"}
+    )
+    cases["has no tokenizer"] = lambda p: (p / "tokenizer.json").unlink()
+    cases["no dataset_statistics.json and config.json has no norm_stats"] = lambda p: (
+        (p / "dataset_statistics.json").unlink(),
+        break_config(p, norm_stats=None),
+    )
+    cases["no model.safetensors nor model.safetensors.index.json"] = lambda p: (
+        p / "model.safetensors"
+    ).unlink()
+    cases["missing weight shards"] = lambda p: (p / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}})
+    )
+    cases["not a readable safetensors file"] = lambda p: (p / "model.safetensors").write_bytes(b"garbage")
+
+    def reshape(p: Path) -> None:
+        tensors = load_file(str(p / "model.safetensors"))
+        tensors["projector.fc3.bias"] = torch.zeros(3)
+        save_file(tensors, str(p / "model.safetensors"))
+
+    cases[re.escape("tensor 'projector.fc3.bias' has shape (3,), the model expects (64,)")] = reshape
+
+    def rename(p: Path) -> None:
+        tensors = load_file(str(p / "model.safetensors"))
+        tensors["projector.fc4.bias"] = tensors.pop("projector.fc3.bias")
+        save_file(tensors, str(p / "model.safetensors"))
+
+    cases[r"1 tensors missing from the checkpoint, e.g. \['projector.fc3.bias'\]"] = rename
+
+    for i, (message, damage) in enumerate(cases.items()):
+        broken = copy_checkpoint(tiny_dir, tmp_path / f"case{i}")
+        damage(broken)
+        with pytest.raises(CheckpointError, match=message):
+            load_openvla(broken)
+
+
+def expand_fixture() -> dict[str, list[int]]:
+    fixture = json.loads((FIXTURES / "openvla7b_params.json").read_text())
+    expected = {}
+    for group in fixture["groups"]:
+        prefix = group["prefix"]
+        expected |= {prefix + k: v for k, v in group["top"].items()}
+        for i in range(group.get("count", 0)):
+            expected |= {f"{prefix}{group['repeat']}.{i}.{k}": v for k, v in group["each"].items()}
+    return expected
+
+
+def test_7b_architecture_matches_published_checkpoint_names():
+    config = OpenVLAConfig.from_dict(json.loads((FIXTURES / "openvla7b_config.json").read_text()))
+    model = build_model(config, device="meta")
+    ours = {name: list(t.shape) for name, t in model.state_dict().items()}
+    expected = expand_fixture()
+    assert sorted(set(expected) - set(ours)) == []
+    assert sorted(set(ours) - set(expected)) == []
+    mismatched = {k: (ours[k], v) for k, v in expected.items() if ours[k] != v}
+    assert mismatched == {}
+    assert 7.4e9 < sum(np.prod(v) for v in expected.values()) < 7.6e9
+    assert config.text_vocab_size == 32000
+
+
+def test_tiny_unnorm_key(tiny):
+    assert VLAPolicy(tiny).stats.key == TINY_UNNORM_KEY
+    assert VLAPolicy(tiny, unnorm_key=TINY_UNNORM_KEY).action_dim == 7
