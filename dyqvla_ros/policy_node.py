@@ -1,56 +1,416 @@
-"""The DyQ-VLA policy node.
+"""The DyQ-VLA policy node: camera + motion in, end-effector commands + precision out.
 
-At this stage the node starts, declares and validates its parameters and reports its
-state on ``/diagnostics``; the control loop (image -> prefill, kinematic monitor ->
-bit-width, decode -> command) is wired in by the node issue [N].
+One control step (timer at ``control_rate_hz``, paper §V-B):
+
+1. take the newest frame and instruction and start the prefill (vision + prompt);
+2. meanwhile the kinematic monitor runs in its own callback group on another executor
+   thread (woken by a guard condition): the step's motion -> M_t, J_t -> S_t -> b*_t;
+3. decode the action tokens at b*_t, waiting for it at most ``dispatch_timeout_ms``
+   after the prefill (if late: 16 bits, step marked not fresh);
+4. publish the clipped command (``ee_command``, optionally ``ee_twist``) and the
+   ``precision`` state.
+
+Callback groups (MultiThreadedExecutor): ``sensors`` (image, joints, pose,
+instruction: short copies under a lock), ``control`` (the step; mutually exclusive so
+steps never overlap: rcl fires one late tick after an overrun instead of queueing, and
+that is counted), ``monitor`` (the guard condition), ``diagnostics`` (1 Hz).
+
+Safety: stale image or robot state -> no command (zero twist), diagnostics WARN, then
+ERROR after ``STALE_ERROR_AFTER_S``; malformed images and non-finite joints/poses are
+dropped and counted; an exception in inference is caught (no command, ERROR, next step
+retried); actions are clipped to ``action_low``/``action_high``.
 """
 
 from __future__ import annotations
 
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
 
-from dyqvla_ros import __version__
+import numpy as np
+import rclpy
+import torch
+from diagnostic_msgs.msg import DiagnosticArray
+from dyqvla_msgs.msg import EndEffectorCommand, PrecisionState
+from geometry_msgs.msg import PoseStamped, TwistStamped
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import String
+
+from dyqvla_ros import messages
+from dyqvla_ros.dispatcher import Dispatcher
+from dyqvla_ros.image_conversion import ImageError, compressed_to_rgb, image_to_rgb
+from dyqvla_ros.kinematics import KinematicMonitor
+from dyqvla_ros.model import CheckpointError, VLAPolicy
+from dyqvla_ros.model.loader import load_quantized_openvla
+from dyqvla_ros.model.tiny import ensure_tiny_openvla
+from dyqvla_ros.motion import ForwardKinematics, Motion, PoseDelta
+from dyqvla_ros.params import PolicyParams, declare_parameters
+from dyqvla_ros.precision import PrecisionController, PrecisionDecision
+from dyqvla_ros.step_stats import StepStats
+
+STALE_ERROR_AFTER_S = 3.0
+ACTION_DIM = 7
+NEWEST_ONLY = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.BEST_EFFORT,
+    durability=DurabilityPolicy.VOLATILE,
+)
+LATCHED = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+
+
+@dataclass
+class _Latest:
+    """A message's payload and the monotonic time it arrived."""
+
+    value: object
+    received: float
+    consumed: bool = False
+
+
+@dataclass
+class _StepRequest:
+    """Handed from the control step to the monitor thread."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    decision: PrecisionDecision | None = None
+
+
+@dataclass
+class _Counters:
+    rejected_images: int = 0
+    rejected_joints: int = 0
+    rejected_poses: int = 0
+    dropped_frames: int = 0
+    stale_steps: int = 0
+    inference_errors: int = 0
+    late_dispatches: int = 0
+    skipped_ticks: int = 0
 
 
 class PolicyNode(Node):
-    """Owns the publishers, timers and parameters of one DyQ-VLA policy."""
+    """Owns the policy, the precision controller, and all topics, timers and groups."""
 
     def __init__(self) -> None:
         super().__init__("policy_node")
-        self._rate_hz = self.declare_parameter(
-            "control_rate_hz",
-            5.0,
-            ParameterDescriptor(description="Control steps per second (Hz), > 0."),
-        ).value
-        if not self._rate_hz > 0.0:
-            raise ValueError(f"parameter 'control_rate_hz' must be > 0, got {self._rate_hz}")
-        self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0, self._publish_diagnostics)
-        self.get_logger().info(f"dyqvla_ros {__version__} policy node up ({self._rate_hz} Hz)")
-
-    def _publish_diagnostics(self) -> None:
-        status = DiagnosticStatus(
-            level=DiagnosticStatus.WARN,
-            name=f"{self.get_name()}: policy",
-            hardware_id="dyqvla_ros",
-            message="control loop not wired yet: no commands are published",
-            values=[KeyValue(key="control_rate_hz", value=f"{self._rate_hz:g}")],
+        self.params: PolicyParams = declare_parameters(self)
+        p = self.params
+        self.period_s = 1.0 / p.control_rate_hz
+        self.device = "cuda" if p.device == "auto" and torch.cuda.is_available() else p.device
+        self.device = "cpu" if self.device == "auto" else self.device
+        self.model_path = p.model_path or str(ensure_tiny_openvla())
+        self.policy = self._load_policy()
+        self.controller = PrecisionController(
+            KinematicMonitor(p.percentile, p.history, p.w_macro, p.w_micro),
+            Dispatcher(p.theta_24, p.theta_48, p.theta_fp, p.lam, p.k, p.allowed_bits),
+            p.precision_mode,
         )
-        array = DiagnosticArray(status=[status])
+        self.low, self.high = self._clip_bounds()
+        self.fk = ForwardKinematics(p.urdf_path, p.ee_link) if p.kinematic_source == "joint_states" else None
+        self.pose_delta = PoseDelta()
+
+        self._lock = threading.Lock()
+        self._frame: _Latest | None = None
+        self._joints: _Latest | None = None
+        self._pose: _Latest | None = None
+        self._instruction = p.instruction.strip()
+        self._last_command: np.ndarray | None = None
+        self._request: _StepRequest | None = None
+        self._step = 0
+        self._last_tick = -np.inf
+        self._stale_since: float | None = None
+        self._stale_reason_text = ""
+        self._last_error: str | None = None
+        self.stats = StepStats()
+        self.counters = _Counters()
+
+        sensors, control = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
+        monitor, diagnostics = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
+        if p.compressed:
+            self.create_subscription(
+                CompressedImage, "image/compressed", self._on_compressed, NEWEST_ONLY, callback_group=sensors
+            )
+        else:
+            self.create_subscription(Image, "image", self._on_image, NEWEST_ONLY, callback_group=sensors)
+        self.create_subscription(
+            JointState, "joint_states", self._on_joints, qos_profile_sensor_data, callback_group=sensors
+        )
+        self.create_subscription(String, "instruction", self._on_instruction, LATCHED, callback_group=sensors)
+        if p.kinematic_source == "ee_pose":
+            self.create_subscription(
+                PoseStamped, "ee_pose", self._on_pose, qos_profile_sensor_data, callback_group=sensors
+            )
+        self.command_pub = self.create_publisher(EndEffectorCommand, "ee_command", 10)
+        self.twist_pub = self.create_publisher(TwistStamped, "ee_twist", 10) if p.publish_twist else None
+        self.precision_pub = self.create_publisher(PrecisionState, "precision", 10)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        # The monitor runs on another executor thread, woken at the start of each step.
+        self._monitor_trigger = self.create_guard_condition(self._run_monitor, callback_group=monitor)
+        self.create_timer(self.period_s, self._control_step, callback_group=control)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=diagnostics)
+        self.get_logger().info(
+            f"policy up: {self.model_path} on {self.device}, {p.control_rate_hz:g} Hz, "
+            f"precision {p.precision_mode}, kinematic source {p.kinematic_source}"
+        )
+
+    # --- set-up -----------------------------------------------------------------------
+    def _load_policy(self) -> VLAPolicy:
+        p = self.params
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        loaded = load_quantized_openvla(self.model_path, self.device, dtype, p.group_size, p.quantize_vision)
+        prefill = p.prefill_bits if p.prefill_bits == "follow" else int(p.prefill_bits)
+        policy = VLAPolicy(loaded, p.unnorm_key or None, prefill, p.restrict_to_actions)
+        if policy.action_dim != ACTION_DIM:
+            raise ValueError(f"the model's actions have {policy.action_dim} dimensions; this node needs 7")
+        return policy
+
+    def _clip_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        p, stats = self.params, self.policy.stats
+        if p.action_low:
+            if len(p.action_low) != ACTION_DIM:
+                raise ValueError(
+                    f"parameter 'action_low' must have {ACTION_DIM} values, got {len(p.action_low)}"
+                )
+            return np.asarray(p.action_low), np.asarray(p.action_high)
+        return np.where(stats.mask, stats.q01, -1.0), np.where(stats.mask, stats.q99, 1.0)
+
+    # --- sensor callbacks -------------------------------------------------------------
+    def _store_frame(self, convert) -> None:
+        try:
+            rgb = convert()
+        except ImageError as err:
+            self.counters.rejected_images += 1
+            self.get_logger().warning(f"image dropped: {err}", throttle_duration_sec=5.0)
+            return
+        with self._lock:
+            if self._frame is not None and not self._frame.consumed:
+                self.counters.dropped_frames += 1
+            self._frame = _Latest(rgb, time.monotonic())
+
+    def _on_image(self, msg: Image) -> None:
+        self._store_frame(lambda: image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data))
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        self._store_frame(lambda: compressed_to_rgb(msg.format, msg.data))
+
+    def _on_joints(self, msg: JointState) -> None:
+        positions = np.asarray(msg.position, dtype=float)
+        if len(msg.name) != len(positions) or not np.all(np.isfinite(positions)):
+            self.counters.rejected_joints += 1
+            self.get_logger().warning(
+                "joint_states dropped: non-finite or mismatched", throttle_duration_sec=5.0
+            )
+            return
+        with self._lock:
+            self._joints = _Latest((list(msg.name), positions.tolist()), time.monotonic())
+
+    def _on_pose(self, msg: PoseStamped) -> None:
+        pos, q = msg.pose.position, msg.pose.orientation
+        position = np.array([pos.x, pos.y, pos.z])
+        quaternion = np.array([q.x, q.y, q.z, q.w])
+        norm = np.linalg.norm(quaternion)
+        if not (np.all(np.isfinite(position)) and np.isfinite(norm) and norm > 1e-6):
+            self.counters.rejected_poses += 1
+            self.get_logger().warning(
+                "ee_pose dropped: non-finite or zero quaternion", throttle_duration_sec=5.0
+            )
+            return
+        with self._lock:
+            self._pose = _Latest((position, quaternion / norm), time.monotonic())
+
+    def _on_instruction(self, msg: String) -> None:
+        text = msg.data.strip()
+        if not text:
+            self.get_logger().warning("empty instruction ignored")
+            return
+        with self._lock:
+            self._instruction = text
+            self._last_command = None
+            self._request = None
+        self.controller.reset()
+        self.pose_delta.reset()
+        self.get_logger().info(f"new instruction (new episode): {text!r}")
+
+    # --- the control step -------------------------------------------------------------
+    def _stale_reason(self, now: float) -> str | None:
+        p = self.params
+        if not self._instruction:
+            return "no instruction yet"
+        if self._frame is None or now - self._frame.received > p.stale_image_timeout_s:
+            return "image stale"
+        robot_state = {"ee_pose": self._pose, "joint_states": self._joints}.get(
+            p.kinematic_source, self._joints
+        )
+        required = p.kinematic_source != "command"
+        if (required or robot_state is not None) and (
+            robot_state is None or now - robot_state.received > p.stale_joint_timeout_s
+        ):
+            return f"{'ee_pose' if p.kinematic_source == 'ee_pose' else 'joint_states'} stale"
+        return None
+
+    def _hold(self, reason: str, now: float) -> None:
+        self.counters.stale_steps += 1
+        if self._stale_since is None:
+            self._stale_since = now
+            self.get_logger().warning(f"holding: {reason}; no command is published")
+        self._stale_reason_text = reason
+        if self.twist_pub is not None:
+            stamp = self.get_clock().now().to_msg()
+            self.twist_pub.publish(messages.twist(stamp, self.params.command_frame_id, None, self.period_s))
+
+    def _step_motion(self) -> Motion | None:
+        """The motion executed since the previous step, from ``kinematic_source``."""
+        source = self.params.kinematic_source
+        with self._lock:
+            command, pose, joints = self._last_command, self._pose, self._joints
+        if source == "command":
+            return None if command is None else (command[0:3], command[3:6])
+        if source == "ee_pose":
+            return None if pose is None else self.pose_delta.step(*pose.value)
+        try:
+            return self.pose_delta.step(*self.fk.pose(*joints.value))
+        except ValueError as err:
+            self.get_logger().error(f"forward kinematics failed: {err}", throttle_duration_sec=5.0)
+            return None
+
+    def _run_monitor(self) -> None:
+        """Guard-condition callback, on the monitor group's thread.
+
+        Takes the pending request atomically: the executor may call a triggered guard
+        condition more than once, and each step must feed the monitor exactly once.
+        """
+        with self._lock:
+            request, self._request = self._request, None
+        if request is None:
+            return
+        request.decision = self.controller.decide(self._step_motion())
+        request.done.set()
+
+    def _control_step(self) -> None:
+        started = time.monotonic()
+        if started - self._last_tick < 0.5 * self.period_s:
+            self.counters.skipped_ticks += 1  # the catch-up tick rcl fires after an overrun
+            return
+        self._last_tick = started
+        with self._lock:
+            reason = self._stale_reason(started)
+            if reason is None:
+                frame = self._frame
+                frame.consumed = True
+                instruction = self._instruction
+        if reason is not None:
+            self._hold(reason, started)
+            return
+        self._stale_since = None
+        stamp = self.get_clock().now().to_msg()
+        request = _StepRequest()
+        with self._lock:
+            self._request = request
+        self._monitor_trigger.trigger()
+        try:
+            state = self.policy.prefill(frame.value, instruction)
+            prefill_done = time.monotonic()
+            fresh = request.done.wait(self.params.dispatch_timeout_ms / 1e3)
+            decision = request.decision if fresh else None
+            if decision is None:
+                self.counters.late_dispatches += 1
+                decision = PrecisionDecision(16, 16, 0.0, 0.0, 0.0, 0, False, 0.0)
+            decode_start = time.monotonic()
+            action = self.policy.decode(state, decision.bits)
+        except Exception as err:
+            self.counters.inference_errors += 1
+            self._last_error = f"{type(err).__name__}: {err}"
+            self.get_logger().error(f"inference failed, no command this step: {self._last_error}")
+            return
+        self._last_error = None
+        done = time.monotonic()
+        raw = action.action
+        clipped = np.clip(raw, self.low, self.high)
+        step = self._step
+        self._step += 1
+        with self._lock:
+            self._last_command = clipped
+        frame_id = self.params.command_frame_id
+        if not self.params.dry_run:
+            self.command_pub.publish(
+                messages.end_effector_command(stamp, frame_id, step, clipped, raw, action.bits)
+            )
+            if self.twist_pub is not None:
+                self.twist_pub.publish(messages.twist(stamp, frame_id, clipped, self.period_s))
+        step_ms = (time.monotonic() - started) * 1e3
+        timings = ((prefill_done - started) * 1e3, (done - decode_start) * 1e3, step_ms)
+        self.precision_pub.publish(
+            messages.precision_state(stamp, frame_id, step, decision, action.bits, fresh, timings)
+        )
+        if step_ms > self.period_s * 1e3:
+            self.stats.overruns += 1
+        self.stats.record(action.bits, fresh, step_ms, started)
+
+    # --- diagnostics ------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        level, message = "OK", "running"
+        if self._stale_since is not None:
+            stale_for = now - self._stale_since
+            level = "ERROR" if stale_for > STALE_ERROR_AFTER_S else "WARN"
+            message = f"holding for {stale_for:.1f} s: {self._stale_reason_text}"
+        if self._last_error is not None:
+            level, message = "ERROR", f"inference failed: {self._last_error}"
+        p50, p99 = self.stats.latency_percentiles()
+        shares = self.stats.bit_shares()
+        c = self.counters
+        values = {
+            "model": self.model_path,
+            "device": self.device,
+            "backend": "triton" if self.device == "cuda" else "reference",
+            "precision_mode": self.params.precision_mode,
+            "active_bits": self.policy.active_bits(),
+            **{f"share_{b}bit": f"{shares[b]:.3f}" for b in (2, 4, 8, 16)},
+            "steps": self.stats.steps,
+            "step_rate_hz": f"{self.stats.rate_hz():.2f}",
+            "latency_p50_ms": f"{p50:.1f}",
+            "latency_p99_ms": f"{p99:.1f}",
+            "fresh_dispatch_share": f"{self.stats.fresh_share():.3f}",
+            "dropped_frames": c.dropped_frames,
+            "stale_inputs": c.stale_steps,
+            "rejected_messages": c.rejected_images + c.rejected_joints + c.rejected_poses,
+            "rejected_images": c.rejected_images,
+            "rejected_joints": c.rejected_joints,
+            "rejected_poses": c.rejected_poses,
+            "inference_errors": c.inference_errors,
+            "late_dispatches": c.late_dispatches,
+            "overruns": self.stats.overruns,
+            "skipped_ticks": self.counters.skipped_ticks,
+        }
+        array = DiagnosticArray(
+            status=[messages.diagnostic_status(f"{self.get_name()}: policy", level, message, values)]
+        )
         array.header.stamp = self.get_clock().now().to_msg()
-        self._diagnostics.publish(array)
+        self.diagnostics_pub.publish(array)
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry: spin the node until Ctrl-C or an external shutdown."""
+    """Console-script entry: exits 2 with a message on invalid parameters or checkpoint."""
     try:
         with rclpy.init(args=args):
-            node = PolicyNode()
-            rclpy.spin(node)
+            try:
+                node = PolicyNode()
+            except (ValueError, CheckpointError) as err:
+                print(f"policy_node: {err}", file=sys.stderr)
+                sys.exit(2)
+            executor = MultiThreadedExecutor(num_threads=4)
+            executor.add_node(node)
+            executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
 

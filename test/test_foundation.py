@@ -102,6 +102,9 @@ ROS_KEYS = {
     "ament_index_python": "ament_index_python",
     "launch": "ros2launch",
     "launch_ros": "launch_ros",
+    "builtin_interfaces": "builtin_interfaces",
+    "PIL": "python3-pil",
+    "pinocchio": "pinocchio",
 }
 
 

@@ -1,0 +1,44 @@
+"""Rolling statistics of the control loop, for /diagnostics and the demo summary."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+
+import numpy as np
+
+
+class StepStats:
+    """Counts and recent latencies of control steps (bounded memory)."""
+
+    def __init__(self, window: int = 500) -> None:
+        self.bits = Counter()
+        self.steps = 0
+        self.fresh = 0
+        self.overruns = 0
+        self.latency_ms: deque[float] = deque(maxlen=window)
+        self.step_times: deque[float] = deque(maxlen=window)  # monotonic start of each step
+
+    def record(self, bits: int, fresh: bool, step_ms: float, started: float) -> None:
+        self.steps += 1
+        self.bits[bits] += 1
+        self.fresh += bool(fresh)
+        self.latency_ms.append(step_ms)
+        self.step_times.append(started)
+
+    def bit_shares(self) -> dict[int, float]:
+        return {b: self.bits[b] / self.steps if self.steps else 0.0 for b in (2, 4, 8, 16)}
+
+    def fresh_share(self) -> float:
+        return self.fresh / self.steps if self.steps else 0.0
+
+    def latency_percentiles(self) -> tuple[float, float]:
+        if not self.latency_ms:
+            return 0.0, 0.0
+        p50, p99 = np.percentile(np.fromiter(self.latency_ms, float), [50, 99])
+        return float(p50), float(p99)
+
+    def rate_hz(self) -> float:
+        if len(self.step_times) < 2:
+            return 0.0
+        span = self.step_times[-1] - self.step_times[0]
+        return (len(self.step_times) - 1) / span if span > 0 else 0.0

@@ -1,0 +1,138 @@
+"""Drive a real policy_node subprocess over DDS: publish inputs, collect outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import rclpy
+import yaml
+from diagnostic_msgs.msg import DiagnosticArray
+from dyqvla_msgs.msg import EndEffectorCommand, PrecisionState
+from geometry_msgs.msg import PoseStamped, TwistStamped
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String
+
+NODE = Path(sys.executable).parent / "policy_node"
+LATCHED = QoSProfile(
+    depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+)
+
+
+def write_params(path: Path, **params) -> Path:
+    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": params}}))
+    return path
+
+
+def start_node(tmp_path: Path, **params) -> subprocess.Popen:
+    params_file = write_params(tmp_path / "params.yaml", **params)
+    return subprocess.Popen(
+        [str(NODE), "--ros-args", "--params-file", str(params_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def run_node_expecting_exit(tmp_path: Path, timeout: float = 60.0, **params) -> tuple[int, str]:
+    proc = start_node(tmp_path, **params)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.send_signal(2)  # SIGINT, as Ctrl-C
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+def rgb_image(value: int = 90, height: int = 96, width: int = 128) -> Image:
+    data = np.full((height, width, 3), value, np.uint8)
+    data[::8] = 200
+    return Image(height=height, width=width, encoding="rgb8", step=width * 3, data=data.tobytes())
+
+
+class Driver:
+    """A test-side node: feeds the policy node and records what it publishes."""
+
+    def __init__(self) -> None:
+        self.node = rclpy.create_node("policy_test_driver")
+        n = self.node
+        self.image_pub = n.create_publisher(Image, "image", 10)
+        self.joint_pub = n.create_publisher(JointState, "joint_states", 10)
+        self.pose_pub = n.create_publisher(PoseStamped, "ee_pose", 10)
+        self.instruction_pub = n.create_publisher(String, "instruction", LATCHED)
+        self.commands: list[tuple[float, EndEffectorCommand]] = []
+        self.precision: list[tuple[float, PrecisionState]] = []
+        self.twists: list[TwistStamped] = []
+        self.diagnostics: list[DiagnosticArray] = []
+        n.create_subscription(
+            EndEffectorCommand, "ee_command", lambda m: self.commands.append((time.monotonic(), m)), 50
+        )
+        n.create_subscription(
+            PrecisionState, "precision", lambda m: self.precision.append((time.monotonic(), m)), 50
+        )
+        n.create_subscription(TwistStamped, "ee_twist", self.twists.append, 50)
+        n.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 50)
+
+    def wait_for_node(self, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+        """Wait until the policy node subscribes to the image topic (it is up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"policy_node exited with {proc.returncode}:\n{proc.stdout.read()}")
+            if self.image_pub.get_subscription_count() > 0 and self.node.count_publishers("precision") > 0:
+                return
+            rclpy.spin_once(self.node, timeout_sec=0.1)
+        raise AssertionError("policy_node did not come up")
+
+    def instruct(self, text: str) -> None:
+        self.instruction_pub.publish(String(data=text))
+
+    def run(self, seconds: float, feed: Callable[[float], None], rate_hz: float = 20.0) -> None:
+        """Spin for ``seconds``, calling ``feed(t)`` at ``rate_hz`` (t = seconds elapsed)."""
+        start = time.monotonic()
+        next_feed = start
+        while (now := time.monotonic()) - start < seconds:
+            if now >= next_feed:
+                feed(now - start)
+                next_feed += 1.0 / rate_hz
+            rclpy.spin_once(self.node, timeout_sec=0.005)
+
+    def run_until(
+        self, done: Callable[[], bool], feed: Callable[[float], None], timeout: float = 20.0
+    ) -> None:
+        """Feed and spin until ``done()`` (e.g. the first command arrived)."""
+        start = time.monotonic()
+        while not done():
+            assert time.monotonic() - start < timeout, "timed out waiting for the policy node"
+            self.run(0.1, feed)
+
+    def publish_joints(self, positions: list[float]) -> None:
+        self.joint_pub.publish(JointState(name=[f"j{i}" for i in range(len(positions))], position=positions))
+
+    def publish_pose(self, xyz: np.ndarray, quat_xyzw: np.ndarray) -> None:
+        msg = PoseStamped()
+        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = (float(v) for v in xyz)
+        o = msg.pose.orientation
+        o.x, o.y, o.z, o.w = (float(v) for v in quat_xyzw)
+        self.pose_pub.publish(msg)
+
+    def last_status(self):
+        assert self.diagnostics, "no diagnostics received"
+        status = self.diagnostics[-1].status[0]
+        return status, {kv.key: kv.value for kv in status.values}
+
+
+def node_env_ok() -> bool:
+    return NODE.exists() and "ROS_DOMAIN_ID" in os.environ
