@@ -102,8 +102,9 @@ class PolicyParams:
         if self.group_size not in (32, 64, 128):
             raise ValueError(f"parameter 'group_size' must be 32, 64 or 128, got {self.group_size}")
         if self.kinematic_source not in KINEMATIC_SOURCES:
+            source = self.kinematic_source
             raise ValueError(
-                f"parameter 'kinematic_source' must be one of {KINEMATIC_SOURCES}, got {self.kinematic_source!r}"
+                f"parameter 'kinematic_source' must be one of {KINEMATIC_SOURCES}, got {source!r}"
             )
         if self.kinematic_source == "joint_states" and not (self.urdf_path and self.ee_link):
             raise ValueError(
