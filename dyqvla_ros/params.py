@@ -50,6 +50,7 @@ class PolicyParams:
     control_rate_hz: float = _p(5.0, "control steps per second (Hz), > 0")
     precision_mode: str = _p("dynamic", "dynamic (DyQ-VLA), or a fixed activation bit-width 2, 4, 8, 16")
     group_size: int = _p(128, "INT4 weight group size: 32, 64 or 128")
+    cpu_threads: int = _p(0, "torch CPU threads; 0: all cores but one, left to the ROS executor")
     prefill_bits: str = _p("16", "activation bits of the vision + prompt prefill: 2, 4, 8, 16 or follow")
     quantize_vision: bool = _p(False, "also quantize the vision backbones and projector to W4")
     restrict_to_actions: bool = _p(True, "greedy decode over the 256 action tokens only")
@@ -99,6 +100,8 @@ class PolicyParams:
             raise ValueError(
                 f"parameter 'prefill_bits' must be one of {PREFILL_BITS}, got {self.prefill_bits!r}"
             )
+        if self.cpu_threads < 0:
+            raise ValueError(f"parameter 'cpu_threads' must be >= 0, got {self.cpu_threads}")
         if self.group_size not in (32, 64, 128):
             raise ValueError(f"parameter 'group_size' must be 32, 64 or 128, got {self.group_size}")
         if self.kinematic_source not in KINEMATIC_SOURCES:

@@ -2,18 +2,21 @@
 
 One control step (timer at ``control_rate_hz``, paper §V-B):
 
-1. take the newest frame and instruction and start the prefill (vision + prompt);
-2. meanwhile the kinematic monitor runs in its own callback group on another executor
-   thread (woken by a guard condition): the step's motion -> M_t, J_t -> S_t -> b*_t;
-3. decode the action tokens at b*_t, waiting for it at most ``dispatch_timeout_ms``
-   after the prefill (if late: 16 bits, step marked not fresh);
-4. publish the clipped command (``ee_command``, optionally ``ee_twist``) and the
+1. the timer takes the newest frame and instruction and hands the step to the
+   inference worker thread, which starts the prefill (vision + prompt);
+2. meanwhile the kinematic monitor runs on the executor thread, in its own callback
+   group, woken through a hidden intra-node topic: motion -> M_t, J_t -> S_t -> b*_t;
+3. the worker decodes the action tokens at b*_t, waiting for it at most
+   ``dispatch_timeout_ms`` after the prefill (if late: 16 bits, step marked not fresh);
+4. it publishes the clipped command (``ee_command``, optionally ``ee_twist``) and the
    ``precision`` state.
 
-Callback groups (MultiThreadedExecutor): ``sensors`` (image, joints, pose,
-instruction: short copies under a lock), ``control`` (the step; mutually exclusive so
-steps never overlap: rcl fires one late tick after an overrun instead of queueing, and
-that is counted), ``monitor`` (the guard condition), ``diagnostics`` (1 Hz).
+Threads: the executor thread runs every callback, each short: ``sensors`` (image,
+joints, pose, instruction: copies under a lock), ``control`` (the timer; a tick that
+finds the previous step still running is skipped and counted as an overrun, never
+queued), ``monitor``, ``diagnostics`` (1 Hz). The inference worker is the only long
+job. Callback groups state which callbacks may run concurrently should a
+multi-threaded executor be used.
 
 Safety: stale image or robot state -> no command (zero twist), diagnostics WARN, then
 ERROR after ``STALE_ERROR_AFTER_S``; malformed images and non-finite joints/poses are
@@ -23,6 +26,8 @@ retried); actions are clipped to ``action_low``/``action_high``.
 
 from __future__ import annotations
 
+import os
+import queue
 import sys
 import threading
 import time
@@ -31,15 +36,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import rclpy
 import torch
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from dyqvla_msgs.msg import EndEffectorCommand, PrecisionState
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import String
+from std_msgs.msg import String, UInt64
 
 from dyqvla_ros import messages
 from dyqvla_ros.dispatcher import Dispatcher
@@ -54,6 +61,7 @@ from dyqvla_ros.precision import PrecisionController, PrecisionDecision
 from dyqvla_ros.step_stats import StepStats
 
 STALE_ERROR_AFTER_S = 3.0
+MONITOR_TOPIC = "~/_monitor_step"  # hidden (leading underscore): internal hand-off
 ACTION_DIM = 7
 NEWEST_ONLY = QoSProfile(
     history=HistoryPolicy.KEEP_LAST,
@@ -82,8 +90,20 @@ class _Latest:
 class _StepRequest:
     """Handed from the control step to the monitor thread."""
 
+    step: int
     done: threading.Event = field(default_factory=threading.Event)
     decision: PrecisionDecision | None = None
+
+
+@dataclass
+class _StepJob:
+    """One control step, from the timer callback to the inference worker."""
+
+    image: np.ndarray
+    instruction: str
+    started: float
+    stamp: Time
+    request: _StepRequest
 
 
 @dataclass
@@ -95,7 +115,6 @@ class _Counters:
     stale_steps: int = 0
     inference_errors: int = 0
     late_dispatches: int = 0
-    skipped_ticks: int = 0
 
 
 class PolicyNode(Node):
@@ -127,7 +146,6 @@ class PolicyNode(Node):
         self._last_command: np.ndarray | None = None
         self._request: _StepRequest | None = None
         self._step = 0
-        self._last_tick = -np.inf
         self._stale_since: float | None = None
         self._stale_reason_text = ""
         self._last_error: str | None = None
@@ -154,8 +172,16 @@ class PolicyNode(Node):
         self.twist_pub = self.create_publisher(TwistStamped, "ee_twist", 10) if p.publish_twist else None
         self.precision_pub = self.create_publisher(PrecisionState, "precision", 10)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        # The monitor runs on another executor thread, woken at the start of each step.
-        self._monitor_trigger = self.create_guard_condition(self._run_monitor, callback_group=monitor)
+        # The monitor is woken at the start of each step through a hidden intra-node topic
+        # (a subscription is a plain callback in its group; rclpy re-triggers a guard
+        # condition until it is taken, a second source of executor spinning).
+        self._monitor_trigger = self.create_publisher(UInt64, MONITOR_TOPIC, 10)
+        self.create_subscription(UInt64, MONITOR_TOPIC, self._run_monitor, 10, callback_group=monitor)
+        # Inference runs on a worker thread the node owns; the timer only hands steps over.
+        self._jobs: queue.SimpleQueue[_StepJob | None] = queue.SimpleQueue()
+        self._busy = threading.Event()
+        self._worker = threading.Thread(target=self._inference_loop, name="dyqvla-inference", daemon=True)
+        self._worker.start()
         self.create_timer(self.period_s, self._control_step, callback_group=control)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=diagnostics)
         self.get_logger().info(
@@ -166,6 +192,11 @@ class PolicyNode(Node):
     # --- set-up -----------------------------------------------------------------------
     def _load_policy(self) -> VLAPolicy:
         p = self.params
+        if self.device == "cpu":
+            # NOTE: with every core running torch, OpenMP threads spin against the executor
+            # threads; on the 2-core CI machine the tiny model's step p99 went from 114 ms
+            # (1 torch thread) to 1 s and the 5 Hz loop fell to 3.4 Hz (bench/node_step.py).
+            torch.set_num_threads(p.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         loaded = load_quantized_openvla(self.model_path, self.device, dtype, p.group_size, p.quantize_vision)
         prefill = p.prefill_bits if p.prefill_bits == "follow" else int(p.prefill_bits)
@@ -283,25 +314,26 @@ class PolicyNode(Node):
             self.get_logger().error(f"forward kinematics failed: {err}", throttle_duration_sec=5.0)
             return None
 
-    def _run_monitor(self) -> None:
-        """Guard-condition callback, on the monitor group's thread.
-
-        Takes the pending request atomically: the executor may call a triggered guard
-        condition more than once, and each step must feed the monitor exactly once.
-        """
+    def _run_monitor(self, msg: UInt64) -> None:
+        """Monitor callback, on the monitor group's thread: feeds the monitor once per step."""
         with self._lock:
-            request, self._request = self._request, None
-        if request is None:
-            return
+            request = self._request
+            if request is None or request.step != msg.data:
+                return
+            self._request = None
         request.decision = self.controller.decide(self._step_motion())
         request.done.set()
 
     def _control_step(self) -> None:
+        """Timer callback: check inputs, wake the monitor, hand the step to the worker.
+
+        Returns at once, so the executor thread is free to run the monitor (and the
+        sensor callbacks) while the worker runs the prefill.
+        """
         started = time.monotonic()
-        if started - self._last_tick < 0.5 * self.period_s:
-            self.counters.skipped_ticks += 1  # the catch-up tick rcl fires after an overrun
+        if self._busy.is_set():
+            self.stats.overruns += 1  # previous step still running: skip this tick
             return
-        self._last_tick = started
         with self._lock:
             reason = self._stale_reason(started)
             if reason is None:
@@ -312,16 +344,29 @@ class PolicyNode(Node):
             self._hold(reason, started)
             return
         self._stale_since = None
-        stamp = self.get_clock().now().to_msg()
-        request = _StepRequest()
+        job = _StepJob(
+            frame.value, instruction, started, self.get_clock().now().to_msg(), _StepRequest(self._step)
+        )
         with self._lock:
-            self._request = request
-        self._monitor_trigger.trigger()
+            self._request = job.request
+        self._busy.set()
+        self._monitor_trigger.publish(UInt64(data=self._step))
+        self._jobs.put(job)
+
+    def _inference_loop(self) -> None:
+        """Worker thread: prefill, wait for b*_t, decode, publish; one step at a time."""
+        while (job := self._jobs.get()) is not None:
+            try:
+                self._run_step(job)
+            finally:
+                self._busy.clear()
+
+    def _run_step(self, job: _StepJob) -> None:
         try:
-            state = self.policy.prefill(frame.value, instruction)
+            state = self.policy.prefill(job.image, job.instruction)
             prefill_done = time.monotonic()
-            fresh = request.done.wait(self.params.dispatch_timeout_ms / 1e3)
-            decision = request.decision if fresh else None
+            fresh = job.request.done.wait(self.params.dispatch_timeout_ms / 1e3)
+            decision = job.request.decision if fresh else None
             if decision is None:
                 self.counters.late_dispatches += 1
                 decision = PrecisionDecision(16, 16, 0.0, 0.0, 0.0, 0, False, 0.0)
@@ -340,21 +385,24 @@ class PolicyNode(Node):
         self._step += 1
         with self._lock:
             self._last_command = clipped
-        frame_id = self.params.command_frame_id
+        frame_id, stamp = self.params.command_frame_id, job.stamp
         if not self.params.dry_run:
             self.command_pub.publish(
                 messages.end_effector_command(stamp, frame_id, step, clipped, raw, action.bits)
             )
             if self.twist_pub is not None:
                 self.twist_pub.publish(messages.twist(stamp, frame_id, clipped, self.period_s))
-        step_ms = (time.monotonic() - started) * 1e3
-        timings = ((prefill_done - started) * 1e3, (done - decode_start) * 1e3, step_ms)
+        step_ms = (time.monotonic() - job.started) * 1e3
+        timings = ((prefill_done - job.started) * 1e3, (done - decode_start) * 1e3, step_ms)
         self.precision_pub.publish(
             messages.precision_state(stamp, frame_id, step, decision, action.bits, fresh, timings)
         )
-        if step_ms > self.period_s * 1e3:
-            self.stats.overruns += 1
-        self.stats.record(action.bits, fresh, step_ms, started)
+        self.stats.record(action.bits, fresh, step_ms, job.started)
+
+    def shutdown(self) -> None:
+        """Stop the inference worker after the step in flight."""
+        self._jobs.put(None)
+        self._worker.join(timeout=30.0)
 
     # --- diagnostics ------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:
@@ -390,7 +438,6 @@ class PolicyNode(Node):
             "inference_errors": c.inference_errors,
             "late_dispatches": c.late_dispatches,
             "overruns": self.stats.overruns,
-            "skipped_ticks": self.counters.skipped_ticks,
         }
         array = DiagnosticArray(
             status=[messages.diagnostic_status(f"{self.get_name()}: policy", level, message, values)]
@@ -400,19 +447,34 @@ class PolicyNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry: exits 2 with a message on invalid parameters or checkpoint."""
-    try:
-        with rclpy.init(args=args):
-            try:
-                node = PolicyNode()
-            except (ValueError, CheckpointError) as err:
-                print(f"policy_node: {err}", file=sys.stderr)
-                sys.exit(2)
-            executor = MultiThreadedExecutor(num_threads=4)
-            executor.add_node(node)
+    """Console-script entry: exits 2 with a message on invalid parameters or checkpoint.
+
+    Ctrl-C is handled here rather than by rclpy's signal handler, so that the executor
+    finishes the callbacks in flight before the context goes away (no publish on a
+    dead context at shutdown).
+    """
+    with rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO):
+        try:
+            node = PolicyNode()
+        except (ValueError, CheckpointError) as err:
+            print(f"policy_node: {err}", file=sys.stderr)
+            sys.exit(2)
+        # NOTE: a single executor thread, because inference never runs in a callback (it
+        # has its own worker thread), so this thread is free to run the monitor during
+        # the prefill. rclpy's MultiThreadedExecutor busy-waits on callbacks submitted
+        # but not yet started; competing for the GIL with inference it stalled steps for
+        # 0.5-1 s and the 5 Hz loop fell to 3.4-3.9 Hz in about half of the runs of
+        # bench/node_step.py here; with this executor, 5.00 Hz in 4 runs out of 4.
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        try:
             executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+        finally:
+            executor.shutdown(timeout_sec=10.0)
+            node.shutdown()
+            node.destroy_node()
 
 
 if __name__ == "__main__":

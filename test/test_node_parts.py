@@ -1,0 +1,217 @@
+"""[N] The node's plain-Python parts: image conversion, motion sources, parameters,
+precision controller, statistics, calibration files, and the launch file."""
+
+from __future__ import annotations
+
+import ast
+import io
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image as PILImage
+
+from dyqvla_ros.calibration import load_calibration
+from dyqvla_ros.dispatcher import Dispatcher
+from dyqvla_ros.image_conversion import ImageError, compressed_to_rgb, image_to_rgb
+from dyqvla_ros.kinematics import KinematicMonitor
+from dyqvla_ros.motion import ForwardKinematics, PoseDelta
+from dyqvla_ros.params import PolicyParams
+from dyqvla_ros.precision import PrecisionController
+from dyqvla_ros.step_stats import StepStats
+
+REPO = Path(__file__).resolve().parents[1]
+URDF = Path(__file__).parent / "fixtures" / "two_link.urdf"
+RGB = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "encoding, payload",
+    [
+        ("rgb8", RGB),
+        ("bgr8", RGB[:, :, ::-1]),
+        ("rgba8", np.concatenate([RGB, np.full((2, 3, 1), 255, np.uint8)], axis=2)),
+        ("bgra8", np.concatenate([RGB[:, :, ::-1], np.zeros((2, 3, 1), np.uint8)], axis=2)),
+    ],
+)
+def test_color_encodings(encoding, payload):
+    channels = payload.shape[2]
+    assert np.array_equal(image_to_rgb(encoding, 2, 3, 3 * channels, payload.tobytes()), RGB)
+
+
+def test_mono_and_row_padding():
+    mono = np.array([[1, 2, 3], [4, 5, 6]], np.uint8)
+    padded = np.concatenate([mono, np.zeros((2, 2), np.uint8)], axis=1)  # step 5 > width 3
+    out = image_to_rgb("mono8", 2, 3, 5, padded.tobytes())
+    assert out.shape == (2, 3, 3) and np.array_equal(out[:, :, 1], mono)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("yuv422", 2, 3, 6, bytes(12)), "unsupported encoding"),
+        (("rgb8", 0, 3, 9, b""), "empty image"),
+        (("rgb8", 2, 3, 6, bytes(12)), "step 6 is shorter"),
+        (("rgb8", 2, 3, 9, bytes(17)), "data has 17 bytes, expected step x height = 18"),
+    ],
+)
+def test_malformed_images_are_rejected(args, message):
+    with pytest.raises(ImageError, match=message):
+        image_to_rgb(*args)
+
+
+def test_compressed_images():
+    buffer = io.BytesIO()
+    PILImage.fromarray(np.full((8, 10, 3), 77, np.uint8)).save(buffer, format="PNG")
+    assert np.array_equal(compressed_to_rgb("png", buffer.getvalue()), np.full((8, 10, 3), 77, np.uint8))
+    with pytest.raises(ImageError, match="cannot decode"):
+        compressed_to_rgb("jpeg", b"not a jpeg")
+    with pytest.raises(ImageError, match="unsupported compressed format"):
+        compressed_to_rgb("tiff", b"")
+
+
+def test_pose_delta():
+    deltas = PoseDelta()
+    assert deltas.step(np.zeros(3), np.array([0, 0, 0, 1.0])) is None  # first pose: no motion yet
+    half = math.radians(10) / 2
+    xyz, rpy = deltas.step(np.array([0.01, 0.0, -0.02]), np.array([0, 0, math.sin(half), math.cos(half)]))
+    assert np.allclose(xyz, [0.01, 0.0, -0.02]) and np.allclose(rpy, [0, 0, math.radians(10)])
+    deltas.reset()
+    assert deltas.step(np.zeros(3), np.array([0, 0, 0, 1.0])) is None
+
+
+def test_forward_kinematics_of_a_urdf():
+    fk = ForwardKinematics(URDF, "tool")
+    assert fk.joint_names == ["shoulder", "elbow"]
+    position, quat = fk.pose(["elbow", "shoulder"], [math.pi / 2, 0.0])
+    assert np.allclose(position, [0.5, 0.3, 0.1], atol=1e-9)  # elbow bent 90 degrees
+    assert np.allclose(abs(quat[2]), math.sin(math.pi / 4))
+    with pytest.raises(ValueError, match=r"lacks joints of the URDF: \['elbow'\]"):
+        fk.pose(["shoulder"], [0.0])
+    with pytest.raises(ValueError, match="ee_link 'hand' is not a frame"):
+        ForwardKinematics(URDF, "hand")
+    with pytest.raises(ValueError, match="urdf_path: file not found"):
+        ForwardKinematics("/nonexistent.urdf", "tool")
+
+
+def test_precision_controller_modes():
+    controller = PrecisionController(KinematicMonitor(w_macro=2, w_micro=1), Dispatcher(k=1))
+    assert controller.decide(None).bits == 16  # no motion known: fail-safe
+    coarse = (np.array([0.05, 0, 0]), np.zeros(3))
+    decisions = [controller.decide(coarse) for _ in range(4)]
+    assert decisions[-1].bits == 2 and decisions[-1].motion_valid  # coarse, after the 2-step warm-up
+    assert controller.decide((np.array([math.nan, 0, 0]), np.zeros(3))).bits == 16
+    fixed = PrecisionController(KinematicMonitor(), Dispatcher(), mode="8")
+    assert {fixed.decide(coarse).bits for _ in range(3)} == {8}
+    with pytest.raises(ValueError, match="precision_mode"):
+        PrecisionController(KinematicMonitor(), Dispatcher(), mode="3")
+
+
+def test_step_stats():
+    stats = StepStats()
+    for i, bits in enumerate([2, 2, 16, 8]):
+        stats.record(bits, fresh=i != 3, step_ms=10.0 * (i + 1), started=0.2 * i)
+    assert stats.bit_shares() == {2: 0.5, 4: 0.0, 8: 0.25, 16: 0.25}
+    assert stats.fresh_share() == 0.75 and stats.rate_hz() == pytest.approx(5.0)
+    assert stats.latency_percentiles()[0] == pytest.approx(25.0)
+
+
+def test_calibration_file_overrides_thresholds(tmp_path):
+    good = tmp_path / "calibration.yaml"
+    good.write_text(yaml.safe_dump({"dyqvla_calibration": {"version": 1, "theta_24": 0.1, "theta_48": 0.3}}))
+    params = PolicyParams(calibration_file=str(good)).validate()
+    assert (params.theta_24, params.theta_48, params.theta_fp) == (0.1, 0.3, 0.5)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dyqvla_calibration: {version: 1, theta_24: 0.1}")
+    with pytest.raises(ValueError, match="lacks a numeric 'theta_48'"):
+        load_calibration(bad)
+    bad.write_text("dyqvla_calibration: {version: 1, theta_24: 0.45, theta_48: 0.6}")
+    with pytest.raises(ValueError, match="theta_fp must be >= theta_48"):
+        PolicyParams(calibration_file=str(bad)).validate()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"device": "tpu"}, "'device' must be one of"),
+        ({"prefill_bits": "3"}, "'prefill_bits' must be one of"),
+        ({"group_size": 48}, "'group_size' must be 32, 64 or 128"),
+        ({"stale_image_timeout_s": 0.0}, "'stale_image_timeout_s' must be > 0"),
+        ({"action_low": [0.0], "action_high": []}, "same length"),
+        ({"action_low": [1.0], "action_high": [0.0]}, "'action_low' must be <="),
+        ({"w_macro": 5}, "w_macro must be an integer > w_micro"),
+        ({"lam": 2.0}, "lambda must be in"),
+        ({"allowed_bits": [2, 4, 8]}, "allowed_bits must contain 16"),
+        ({"precision_mode": "2", "allowed_bits": [4, 8, 16]}, "'precision_mode' 2 is not in allowed_bits"),
+    ],
+)
+def test_parameter_validation_names_the_parameter(changes, message):
+    with pytest.raises(ValueError, match=message):
+        PolicyParams(**changes).validate()
+
+
+def test_default_params_file_lists_every_parameter():
+    text = (REPO / "config" / "policy.yaml").read_text()
+    declared = yaml.safe_load(text)["/**"]["ros__parameters"]
+    names = {PolicyParams.ros_name(f) for f in fields(PolicyParams)}
+    optional = {"action_low", "action_high"}  # empty lists have no ROS type: commented out
+    assert set(declared) == names - optional
+    assert all(f"# {n}:" in text for n in optional)
+    defaults = PolicyParams()
+    for f in fields(PolicyParams):
+        name = PolicyParams.ros_name(f)
+        if name in declared:
+            assert declared[name] == getattr(defaults, f.name), name
+            assert type(declared[name]) is type(getattr(defaults, f.name)), name  # 5.0 not 5
+
+
+def _launch_tree() -> ast.Module:
+    return ast.parse((REPO / "launch" / "policy.launch.py").read_text())
+
+
+def _literal_dict(tree: ast.Module, name: str) -> dict:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{name} not found in the launch file")
+
+
+def test_launch_file_matches_the_node():
+    """Static check: the `launch` package does not install from PyPI."""
+    tree = _launch_tree()
+    parameters = _literal_dict(tree, "PARAMETER_ARGUMENTS")
+    topics = _literal_dict(tree, "TOPIC_ARGUMENTS")
+    names = {PolicyParams.ros_name(f) for f in fields(PolicyParams)}
+    assert set(parameters.values()) <= names
+    for required in ("model_path", "instruction", "device", "precision_mode"):
+        assert required in parameters
+    assert {"image_topic", "joint_states_topic"} <= set(topics)
+    assert set(topics.values()) <= {"image", "joint_states", "instruction", "ee_pose"}
+    source = (REPO / "launch" / "policy.launch.py").read_text()
+    assert 'executable="policy_node"' in source and 'package="dyqvla_ros"' in source
+    assert '"params_file"' in source
+    setup = (REPO / "setup.py").read_text()
+    assert '"policy_node = dyqvla_ros.policy_node:main"' in setup
+
+
+def test_launch_file_runs_with_ros2_launch():
+    launch = pytest.importorskip("launch", reason="the ROS 2 `launch` package is not installed (not on PyPI)")
+    if not hasattr(launch, "LaunchService"):
+        pytest.skip("the installed `launch` is an unrelated PyPI project, not ROS 2 launch")
+    from launch.launch_description_sources import PythonLaunchDescriptionSource
+
+    description = PythonLaunchDescriptionSource(
+        str(REPO / "launch" / "policy.launch.py")
+    ).get_launch_description(launch.LaunchContext())
+    arguments = {a.name for a in description.get_launch_arguments()}
+    assert {
+        "params_file",
+        "model_path",
+        "instruction",
+        "device",
+        "precision_mode",
+        "image_topic",
+    } <= arguments
