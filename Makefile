@@ -58,6 +58,8 @@ format: setup
 bench: setup
 	$(BIN)/python bench/monitor_overhead.py
 	$(BIN)/python bench/kernels.py
+	$(BIN)/python bench/model_step.py
+	$(BIN)/python bench/node_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
