@@ -40,9 +40,7 @@ $(VENV)/.pkg-stamp: $(VENV)/.msgs-stamp setup.py setup.cfg package.xml
 	touch $@
 
 demo: setup
-	# For now: start the policy node, let it run briefly, stop it with SIGINT and
-	# require a clean exit (status 0).
-	timeout --preserve-status -s INT 6 $(BIN)/policy_node --ros-args --params-file config/policy.yaml
+	$(BIN)/dyqvla-demo --out out/demo
 
 test: setup
 	$(BIN)/pytest -q test

@@ -13,7 +13,7 @@ PACKAGE = "dyqvla_ros"
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=[PACKAGE, f"{PACKAGE}.kernels", f"{PACKAGE}.model"],
+    packages=[PACKAGE, f"{PACKAGE}.kernels", f"{PACKAGE}.model", f"{PACKAGE}.bags", f"{PACKAGE}.tools"],
     package_dir={f"{PACKAGE}.kernels": "kernels"},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
@@ -31,6 +31,12 @@ setup(
         "console_scripts": [
             "policy_node = dyqvla_ros.policy_node:main",
             "dyqvla-make-tiny = dyqvla_ros.model.tiny:main",
+            "dyqvla-synth-bag = dyqvla_ros.bags.synthetic:main",
+            "dyqvla-replay = dyqvla_ros.bags.replay:main",
+            "dyqvla-record = dyqvla_ros.bags.record:main",
+            "dyqvla-profile = dyqvla_ros.tools.profile:main",
+            "dyqvla-plot = dyqvla_ros.tools.plot:main",
+            "dyqvla-demo = dyqvla_ros.tools.demo:main",
         ],
     },
 )

@@ -57,7 +57,10 @@ class ImagePreprocessor:
         self.copies = len(featurizers)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(validate_image(image)).permute(2, 0, 1)[None].float() / 255.0
+        image = validate_image(image)
+        if not image.flags.writeable:  # e.g. a frame straight from a bag
+            image = image.copy()
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
         if self.center_crop:
             h, w = x.shape[2:]
             side = math.sqrt(LIBERO_CROP_AREA)

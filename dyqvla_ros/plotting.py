@@ -1,0 +1,82 @@
+"""Figures of the dispatcher's behaviour (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from dyqvla_ros.calibration import error_bound
+
+BIT_COLORS = {2: "tab:green", 4: "tab:olive", 8: "tab:orange", 16: "tab:red"}
+
+
+def plot_precision(
+    path: str | Path,
+    t: np.ndarray,
+    bits: np.ndarray,
+    sensitivity: np.ndarray,
+    thresholds: dict[str, float] | None = None,
+) -> None:
+    """S_t (with the thresholds) and the dispatched bits over time."""
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.plot(t, sensitivity, color="black", lw=1.2, label="S_t")
+    for name, value in (thresholds or {}).items():
+        ax.axhline(value, ls="--", lw=0.8, color="gray")
+        ax.text(t[0], value, f" {name} = {value:.3f}", va="bottom", fontsize=8, color="gray")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("sensitivity S_t")
+    twin = ax.twinx()
+    twin.step(t, bits, where="post", color="tab:blue", lw=1.5, label="b*_t")
+    twin.set_ylabel("activation bits b*_t", color="tab:blue")
+    twin.set_yticks([2, 4, 8, 16])
+    twin.set_ylim(0, 17)
+    fig.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_profile(
+    path: str | Path,
+    t: np.ndarray,
+    s: np.ndarray,
+    bits: np.ndarray,
+    errors: dict[int, np.ndarray],
+    thresholds: dict[str, float],
+    d_acc: float,
+    eta: float,
+) -> None:
+    """Two panels: S_t with Θ and b*_t over time; e^(b) against S with ε_a(S)."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
+    top.plot(t, s, color="black", lw=1.2, label="S_t")
+    for name, value in thresholds.items():
+        top.axhline(value, ls="--", lw=0.8, color="gray")
+        top.text(t[0], value, f" {name} = {value:.3f}", va="bottom", fontsize=8, color="gray")
+    top.set_xlabel("time (s)")
+    top.set_ylabel("S_t")
+    twin = top.twinx()
+    twin.step(t, bits, where="post", color="tab:blue", lw=1.5)
+    twin.set_ylabel("b*_t (calibrated)", color="tab:blue")
+    twin.set_yticks([2, 4, 8, 16])
+    twin.set_ylim(0, 17)
+    for b, e in sorted(errors.items()):
+        bottom.scatter(s, e, s=10, alpha=0.7, color=BIT_COLORS.get(b), label=f"e^({b})")
+    grid = np.linspace(0.0, max(float(np.max(s)), thresholds.get("theta_fp", 0.5)) * 1.05, 200)
+    bottom.plot(
+        grid, error_bound(grid, d_acc, eta), color="black", label=f"ε_a(S) = {d_acc:g} / (S + {eta:g})"
+    )
+    for value in thresholds.values():
+        bottom.axvline(value, ls="--", lw=0.8, color="gray")
+    top_error = max([float(np.max(e)) for e in errors.values()] + [d_acc / eta])
+    bottom.set_ylim(0, 1.1 * top_error)
+    bottom.set_xlabel("S_t")
+    bottom.set_ylabel("action error (normalised space)")
+    bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

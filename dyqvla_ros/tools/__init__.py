@@ -1,0 +1,1 @@
+"""Console tools: offline profiling and calibration, plots, the demo."""

@@ -1,0 +1,209 @@
+"""``dyqvla-profile BAG --out DIR``: profile a recorded episode and calibrate Θ.
+
+Writes, each atomically and only once everything has been computed:
+
+* ``calibration.yaml``: θ_2|4, θ_4|8 (and θ_fp) with all it took to reproduce them; the
+  node loads it with ``calibration_file``;
+* ``steps.csv``: per step t, M, J, M̃, J̃, S, b̂ and b* (under the calibrated
+  thresholds), e^(b) for each b;
+* ``profile.png``: S_t with Θ and b*_t over time; e^(b) against S with ε_a(S).
+
+Calibration (paper Eq. 5-6, ``calibration.threshold``): ε_a(S) = D_acc / (S + η); θ_2|4
+(θ_4|8) is where the 2-bit (4-bit) error consistently exceeds ε_a: the ``--quantile``
+of the errors in every equal-count S bin from there up. D_acc and η are task choices
+(the paper gives no values): D_acc is the action error, in the normalised action
+space, that the task tolerates at S = 1 - η.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import hashlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from dyqvla_ros import __version__
+from dyqvla_ros.bags.store import BagError
+from dyqvla_ros.calibration import CALIBRATION_VERSION, calibrate
+from dyqvla_ros.dispatcher import DEFAULT_K, DEFAULT_LAMBDA, DEFAULT_THETA_FP, Dispatcher
+from dyqvla_ros.kinematics import (
+    DEFAULT_HISTORY,
+    DEFAULT_PERCENTILE,
+    DEFAULT_W_MACRO,
+    DEFAULT_W_MICRO,
+    KinematicMonitor,
+)
+from dyqvla_ros.model import CheckpointError, VLAPolicy
+from dyqvla_ros.model.loader import load_quantized_openvla
+from dyqvla_ros.model.tiny import ensure_tiny_openvla
+from dyqvla_ros.plotting import plot_profile
+from dyqvla_ros.precision import PrecisionController
+from dyqvla_ros.profiling import QUANTIZED_BITS, StepRecord, control_steps, profile, read_episode
+
+
+def model_fingerprint(path: Path) -> str:
+    """sha256 of config.json and every safetensors file's header and size (cheap for 7B)."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        with file.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(size))
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def redispatch(
+    records: list[StepRecord], thresholds: dict[str, float], lam: float, k: int
+) -> tuple[list[int], list[int]]:
+    """(b*_t, b̂_t) under the calibrated thresholds, from the recorded M̃_t, J̃_t."""
+    dispatcher = Dispatcher(thresholds["theta_24"], thresholds["theta_48"], thresholds["theta_fp"], lam, k)
+    bits, targets = [], []
+    for r in records:
+        bits.append(dispatcher.step(r.m_tilde, r.j_tilde) if r.valid else dispatcher.fail_safe())
+        targets.append(dispatcher.target_bits)
+    return bits, targets
+
+
+def steps_csv(records: list[StepRecord], bits: list[int], b_hats: list[int]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    widths = sorted(records[0].errors)
+    writer.writerow(["t", "M", "J", "M_tilde", "J_tilde", "S", "b_hat", "b_star", *[f"e{b}" for b in widths]])
+    for r, b_star, b_hat in zip(records, bits, b_hats, strict=True):
+        row = [r.t, r.m, r.j, r.m_tilde, r.j_tilde, r.s, b_hat, b_star, *[r.errors[b] for b in widths]]
+        writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+    return out.getvalue()
+
+
+def write_outputs(out: Path, files: dict[str, bytes | str], plot) -> None:
+    """Write every output to a temporary directory, then move each into ``out``."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".dyqvla-profile-", dir=out))
+    try:
+        for name, content in files.items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with (staging / name).open(mode) as f:
+                f.write(content)
+        plot(staging / "profile.png")
+        for item in staging.iterdir():
+            os.replace(item, out / item.name)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("bag", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--model", type=Path, help="OpenVLA checkpoint (default: the embedded tiny model)")
+    parser.add_argument("--unnorm-key", help="dataset statistics key")
+    parser.add_argument("--rate", type=float, default=5.0, help="control rate of the steps (Hz)")
+    parser.add_argument("--d-acc", type=float, default=0.05, help="D_acc of ε_a(S) (normalised action units)")
+    parser.add_argument("--eta", type=float, default=0.1, help="η of ε_a(S)")
+    parser.add_argument("--bins", type=int, default=10, help="equal-count S bins of the calibration")
+    parser.add_argument("--quantile", type=float, default=0.5, help="error quantile a bin must exceed ε_a at")
+    parser.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA)
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
+    parser.add_argument("--theta-fp", type=float, default=DEFAULT_THETA_FP)
+    parser.add_argument("--w-macro", type=int, default=DEFAULT_W_MACRO)
+    parser.add_argument("--w-micro", type=int, default=DEFAULT_W_MICRO)
+    parser.add_argument("--percentile", type=float, default=DEFAULT_PERCENTILE)
+    parser.add_argument("--history", type=int, default=DEFAULT_HISTORY)
+    parser.add_argument("--image-topic", default="/image")
+    parser.add_argument("--pose-topic", default="/ee_pose")
+    parser.add_argument("--instruction-topic", default="/instruction")
+    parser.add_argument("--instruction", help="use this instead of the bag's instruction topic")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    try:
+        episode = read_episode(
+            args.bag, args.image_topic, args.pose_topic, args.instruction_topic, args.instruction
+        )
+        model_path = args.model or ensure_tiny_openvla()
+        policy = VLAPolicy(
+            load_quantized_openvla(model_path, args.device), args.unnorm_key, restrict_to_actions=True
+        )
+        controller = PrecisionController(
+            KinematicMonitor(args.percentile, args.history, args.w_macro, args.w_micro),
+            Dispatcher(theta_fp=args.theta_fp, lam=args.lam, k=args.k),
+        )
+    except (BagError, CheckpointError, ValueError) as err:
+        parser.exit(2, f"dyqvla-profile: {err}\n")
+
+    steps = control_steps(episode, args.rate)
+    records = profile(policy, controller, tqdm(steps, desc="profiling", unit="step"), episode.instruction)
+    usable = [r for r in records if r.valid]
+    s = np.array([r.s for r in usable])
+    errors = {b: np.array([r.errors[b] for r in usable]) for b in QUANTIZED_BITS}
+    try:
+        thresholds = calibrate(s, errors, args.d_acc, args.eta, args.theta_fp, args.bins, args.quantile)
+    except ValueError as err:
+        parser.exit(2, f"dyqvla-profile: cannot calibrate: {err}\n")
+    bits, b_hats = redispatch(records, thresholds, args.lam, args.k)
+
+    calibration = {
+        "dyqvla_calibration": {
+            "version": CALIBRATION_VERSION,
+            **thresholds,
+            "d_acc": args.d_acc,
+            "eta": args.eta,
+            "bins": args.bins,
+            "quantile": args.quantile,
+            "action_space": "normalised [-1, 1]",
+            "lambda": args.lam,
+            "k": args.k,
+            "w_macro": args.w_macro,
+            "w_micro": args.w_micro,
+            "percentile": args.percentile,
+            "history": args.history,
+            "rate_hz": args.rate,
+            "steps": len(records),
+            "steps_used": len(usable),
+            "model": str(Path(model_path).resolve()),
+            "model_sha256": model_fingerprint(Path(model_path)),
+            "bag": str(args.bag.resolve()),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "tool": f"dyqvla-profile {__version__}",
+        }
+    }
+    t = np.array([r.t for r in records])
+    all_s = np.array([r.s for r in records])
+    all_errors = {b: np.array([r.errors[b] for r in records]) for b in QUANTIZED_BITS}
+    write_outputs(
+        args.out,
+        {
+            "calibration.yaml": yaml.safe_dump(calibration, sort_keys=False),
+            "steps.csv": steps_csv(records, bits, b_hats),
+        },
+        lambda png: plot_profile(png, t, all_s, np.array(bits), all_errors, thresholds, args.d_acc, args.eta),
+    )
+    shares = {b: bits.count(b) / len(bits) for b in (2, 4, 8, 16)}
+    print(f"profiled {len(records)} steps ({len(usable)} with a warmed-up monitor) of {args.bag}")
+    print("thresholds: " + ", ".join(f"{k} = {v:.4f}" for k, v in thresholds.items()))
+    print("dispatched under them: " + ", ".join(f"{b}-bit {100 * v:.1f} %" for b, v in shares.items()))
+    mean_bits = float(np.mean(bits))
+    print(f"mean activation bits {mean_bits:.2f}; activation traffic saved: {1 - mean_bits / 16:.1%}")
+    print(f"wrote {args.out}/calibration.yaml, steps.csv, profile.png")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
