@@ -148,7 +148,8 @@ class PolicyNode(Node):
         self._step = 0
         self._stale_since: float | None = None
         self._stale_reason_text = ""
-        self._last_error: str | None = None
+        self._last_error: str | None = None  # of the latest step; None once a step succeeds
+        self._errors_reported = 0  # inference errors already shown by /diagnostics
         self.stats = StepStats()
         self.counters = _Counters()
 
@@ -412,8 +413,14 @@ class PolicyNode(Node):
             stale_for = now - self._stale_since
             level = "ERROR" if stale_for > STALE_ERROR_AFTER_S else "WARN"
             message = f"holding for {stale_for:.1f} s: {self._stale_reason_text}"
-        if self._last_error is not None:
-            level, message = "ERROR", f"inference failed: {self._last_error}"
+        # ERROR while inference fails, and for one report after any failure since the
+        # last one, so a short burst of failures is never missed at 1 Hz.
+        new_errors = self.counters.inference_errors - self._errors_reported
+        self._errors_reported = self.counters.inference_errors
+        if self._last_error is not None or new_errors:
+            level = "ERROR"
+            latest = f": {self._last_error}" if self._last_error else "; the latest step succeeded"
+            message = f"inference failed {new_errors} time(s) since the last report{latest}"
         p50, p99 = self.stats.latency_percentiles()
         shares = self.stats.bit_shares()
         c = self.counters

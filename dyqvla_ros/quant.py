@@ -127,6 +127,27 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
 
     @classmethod
+    def shaped_like(
+        cls,
+        linear: nn.Linear,
+        group_size: int = 128,
+        precision: ActivationPrecision | None = None,
+        backend: Backend | str = Backend.AUTO,
+        device: torch.device | str | None = None,
+    ) -> QuantLinear:
+        """An unfilled QuantLinear with ``linear``'s shape, bias and bias dtype."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group_size,
+            precision,
+            backend,
+            bias_dtype=linear.weight.dtype,
+            device=device or linear.weight.device,
+        )
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -135,16 +156,7 @@ class QuantLinear(nn.Module):
         backend: Backend | str = Backend.AUTO,
     ) -> QuantLinear:
         """Quantize an nn.Linear's weight (its bias stays in its own dtype)."""
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            group_size,
-            precision,
-            backend,
-            bias_dtype=linear.weight.dtype,
-            device=linear.weight.device,
-        )
+        layer = cls.shaped_like(linear, group_size, precision, backend)
         qweight, scales = quantize_weight(linear.weight, group_size)
         layer.qweight.copy_(qweight)
         layer.scales.copy_(scales)
@@ -366,16 +378,7 @@ def load_quantized(
             )
     _replace_linears(
         model,
-        lambda _name, linear: QuantLinear(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            group_size,
-            precision,
-            backend,
-            bias_dtype=linear.weight.dtype,
-            device=device or linear.weight.device,
-        ),
+        lambda _name, linear: QuantLinear.shaped_like(linear, group_size, precision, backend, device),
         include=list(layers),
         skip=(),
     )

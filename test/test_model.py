@@ -148,6 +148,27 @@ def test_quantized_checkpoint_round_trip(tiny_dir, tmp_path):
     assert second.model.language_model.model.layers[0].self_attn.q_proj.group_size == 64
 
 
+def test_quantize_vision_and_projector_too(tiny_dir, tmp_path):
+    loaded = load_quantized_openvla(tiny_dir, cache_dir=tmp_path, group_size=32, quantize_vision=True)
+    from dyqvla_ros.quant import QuantLinear
+
+    model = loaded.model
+    assert isinstance(model.projector.fc1, QuantLinear)
+    assert isinstance(model.vision_backbone.featurizer.blocks[0].attn.qkv, QuantLinear)
+    assert not isinstance(model.language_model.lm_head, QuantLinear)
+    action = VLAPolicy(loaded).predict(image(5), INSTRUCTION, bits=8)
+    assert np.all(np.isfinite(action.action))
+
+
+def test_center_crop_keeps_the_middle(tiny):
+    """LIBERO-style crop: 90 % of the area around the centre, resized back to 224."""
+    img = np.zeros((100, 100, 3), np.uint8)
+    img[:2] = 255  # a white band at the top: the crop keeps the central 95 x 95 (rows 2..96)
+    black = (0.0 - 0.485) / 0.229  # DINOv2 normalisation of a black pixel, red channel
+    assert VLAPolicy(tiny).preprocess(img)[0, 0, 0, 112] > 0  # band visible without the crop
+    assert VLAPolicy(tiny, center_crop=True).preprocess(img)[0, 0, 0, 112] == pytest.approx(black, abs=1e-4)
+
+
 def test_image_validation():
     for bad in (
         np.zeros((10, 10), np.uint8),
