@@ -169,6 +169,26 @@ def test_center_crop_keeps_the_middle(tiny):
     assert VLAPolicy(tiny, center_crop=True).preprocess(img)[0, 0, 0, 112] == pytest.approx(black, abs=1e-4)
 
 
+def test_static_cache_decode_matches_dynamic_cache(tiny_dir, tmp_path):
+    loaded = load_quantized_openvla(tiny_dir, cache_dir=tmp_path)
+    dynamic, static = VLAPolicy(loaded), VLAPolicy(loaded)
+    static.use_static_cache(max_cache_len=400)
+    for seed in (6, 7):
+        d_state, s_state = dynamic.prefill(image(seed), INSTRUCTION), static.prefill(image(seed), INSTRUCTION)
+        assert s_state.cache is static._static_cache  # one preallocated cache, reused
+        for bits in (16, 4, 2):
+            assert np.array_equal(static.decode(s_state, bits).tokens, dynamic.decode(d_state, bits).tokens)
+    with pytest.raises(ValueError, match="does not fit the static cache"):
+        VLAPolicy(loaded).use_static_cache(max_cache_len=200)  # 256 image patches alone
+
+
+def test_cuda_graphs_fall_back_to_eager_on_the_cpu(tiny):
+    policy = VLAPolicy(tiny)
+    assert policy.enable_cuda_graphs() is False
+    assert "need a CUDA device" in policy.graph_status
+    assert policy.predict(image(), INSTRUCTION).tokens.shape == (7,)
+
+
 def test_image_validation():
     for bad in (
         np.zeros((10, 10), np.uint8),

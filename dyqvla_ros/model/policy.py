@@ -17,16 +17,20 @@ previous step's decode bits instead (faster when the previous step was quantized
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from dyqvla_ros.model.action_tokenizer import ActionStats, ActionTokenizer
+from dyqvla_ros.model.graphs import DecodeGraphs
 from dyqvla_ros.model.loader import LoadedOpenVLA
 from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
 from dyqvla_ros.quant import activation_bits, get_activation_bits, quantized_layers
+
+log = logging.getLogger(__name__)
 
 PREFILL_FOLLOW = "follow"
 # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version has.
@@ -39,7 +43,7 @@ _CACHE_KWARG = (
 class PrefillState:
     """What decode needs from a prefill: the KV cache and the last prompt token."""
 
-    cache: DynamicCache
+    cache: DynamicCache | StaticCache
     length: int  # tokens in the cache after the prefill
     last_token: torch.Tensor  # (1, 1)
     bits: int  # activation bits the prefill ran at
@@ -98,6 +102,45 @@ class VLAPolicy:
             ids = self.action_tokenizer.token_ids
             mask[ids.start : ids.stop] = 0.0
             self._action_mask = mask
+        self._static_cache: StaticCache | None = None
+        self._static_cache_len = 0
+        self._graphs: DecodeGraphs | None = None
+        self.graph_status = "off: eager decode"
+
+    def enable_cuda_graphs(self, bits: tuple[int, ...] = (2, 4, 8, 16), max_cache_len: int = 512) -> bool:
+        """Static KV cache + one captured decode graph per bit-width (capture once, here).
+
+        Falls back to eager decode, with the reason in ``graph_status`` and the log, on
+        the CPU or when capture fails. Returns whether graphs are in use.
+        """
+        if self.device.type != "cuda":
+            self.graph_status = "off: CUDA graphs need a CUDA device (eager decode)"
+            log.info(self.graph_status)
+            return False
+        bits = tuple(b for b in bits if b == 16 or self.quantized)
+        try:
+            with torch.inference_mode():
+                self.use_static_cache(max_cache_len)
+                self._graphs = DecodeGraphs(self._graph_forward, bits, self._precision, self.device)
+        except Exception as err:
+            self._graphs = None
+            self.graph_status = f"off: capture failed ({type(err).__name__}: {err}); eager decode"
+            log.warning(self.graph_status)
+            return False
+        self.graph_status = f"on: {len(bits)} decode graphs ({', '.join(map(str, bits))} bits), static cache"
+        return True
+
+    def use_static_cache(self, max_cache_len: int = 512) -> None:
+        """Prefill into one preallocated KV cache (fixed addresses) instead of a new one."""
+        self._static_cache = StaticCache(config=self.model.language_model.config, max_cache_len=max_cache_len)
+        self._static_cache_len = max_cache_len
+        self.prefill(np.zeros((224, 224, 3), np.uint8), "warm up")  # allocates its tensors
+
+    def _graph_forward(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        out = self.model.language_model(
+            input_ids=token, cache_position=position, use_cache=True, **{_CACHE_KWARG: self._static_cache}
+        )
+        return out.logits[:, -1]
 
     @property
     def action_dim(self) -> int:
@@ -121,32 +164,54 @@ class VLAPolicy:
             bits = 16
         with self._precision(bits):
             embeds = self.model.embed(ids[:, :-1], pixels)
-            cache = DynamicCache(config=self.model.language_model.config)
-            self.model.language_model(inputs_embeds=embeds, use_cache=True, **{_CACHE_KWARG: cache})
+            if self._static_cache is not None:
+                cache = self._static_cache
+                if embeds.shape[1] + self.action_dim > self._static_cache_len:
+                    raise ValueError(
+                        f"prompt of {embeds.shape[1]} tokens does not fit the static cache "
+                        f"({self._static_cache_len}); enable_cuda_graphs(max_cache_len=...) larger"
+                    )
+                cache.reset()  # same tensors, emptied
+            else:
+                cache = DynamicCache(config=self.model.language_model.config)
+            positions = torch.arange(embeds.shape[1], device=self.device)
+            self.model.language_model(
+                inputs_embeds=embeds, cache_position=positions, use_cache=True, **{_CACHE_KWARG: cache}
+            )
         return PrefillState(cache=cache, length=embeds.shape[1], last_token=ids[:, -1:], bits=bits)
 
     @torch.inference_mode()
     def decode(self, state: PrefillState, bits: int) -> VLAAction:
         """Greedy decode of the action tokens with activations at ``bits``."""
-        extra = state.cache.get_seq_length() - state.length
+        extra = int(state.cache.get_seq_length()) - state.length
         if extra > 0:
             state.cache.crop(-extra)  # back to the prefill (a negative count removes tokens)
+        graphs = self._graphs if state.cache is self._static_cache else None
         token = state.last_token
         tokens = []
         with self._precision(bits):
-            for _ in range(self.action_dim):
-                out = self.model.language_model(
-                    input_ids=token, use_cache=True, **{_CACHE_KWARG: state.cache}
-                )
-                logits = out.logits[:, -1].float()
+            for i in range(self.action_dim):
+                position = state.length + i
+                if graphs is not None and bits in graphs.graphs:
+                    logits = graphs.step(bits, token, position)
+                else:
+                    logits = self._decode_forward(state.cache, token, position)
+                logits = logits.float()
                 if self._action_mask is not None:
                     logits = logits + self._action_mask
                 token = logits.argmax(dim=-1, keepdim=True)
-                tokens.append(int(token))
+                tokens.append(token)
         self._last_decode_bits = bits
-        ids = np.asarray(tokens, dtype=np.int64)
+        ids = torch.cat(tokens, dim=1)[0].cpu().numpy()  # one device sync per step
         normalized = self.action_tokenizer.decode(ids)
         return VLAAction(ids, normalized, self.stats.unnormalize(normalized), bits)
+
+    def _decode_forward(self, cache, token: torch.Tensor, position: int) -> torch.Tensor:
+        positions = torch.tensor([position], device=self.device)
+        out = self.model.language_model(
+            input_ids=token, cache_position=positions, use_cache=True, **{_CACHE_KWARG: cache}
+        )
+        return out.logits[:, -1]
 
     def predict(self, image: np.ndarray, instruction: str, bits: int = 16) -> VLAAction:
         return self.decode(self.prefill(image, instruction), bits)
