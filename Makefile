@@ -58,6 +58,7 @@ bench: setup
 	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/model_step.py
 	$(BIN)/python bench/node_step.py
+	$(BIN)/python bench/gpu_suite.py --quick --json out/gpu_suite_quick.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -33,8 +33,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def random_7b(device: torch.device) -> LoadedOpenVLA:
-    """OpenVLA-7B shapes, random bf16 weights on ``device``, W4-quantized language model."""
+def random_7b(device: torch.device, quantize: bool = True) -> LoadedOpenVLA:
+    """OpenVLA-7B shapes, random bf16 weights on ``device`` (W4 language model if ``quantize``)."""
     config = OpenVLAConfig.from_dict(json.loads(FIXTURE_7B.read_text()))
     model = build_model(config, device="meta").to_empty(device=device).to(torch.bfloat16)
     with torch.no_grad():
@@ -43,7 +43,8 @@ def random_7b(device: torch.device) -> LoadedOpenVLA:
     decoder = model.language_model.model
     with torch.device(device):
         decoder.rotary_emb = type(decoder.rotary_emb)(model.language_model.config)
-    quantize_model(model, 128, include=["language_model.*"], backend="triton")
+    if quantize:
+        quantize_model(model, 128, include=["language_model.*"], backend="triton")
     stats = {"random": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 7}}}
     return LoadedOpenVLA(model.eval(), build_tokenizer(), config, stats, FIXTURE_7B)
 

@@ -1,0 +1,246 @@
+"""The GPU benchmark suite for OpenVLA-7B shapes: one command, one JSON, one table.
+
+    python bench/gpu_suite.py [--steps 50] [--json gpu_suite.json]   # CUDA, < 8 min on an H200
+    python bench/gpu_suite.py --quick                                 # tiny shapes on the CPU (CI)
+
+No network, no weights, no ROS: random weights with the real OpenVLA-7B shapes.
+
+1. correctness: every Triton kernel against its PyTorch reference (all bit-widths), and
+   graph-replayed decode against eager decode (same tokens);
+2. kernels at the language model's shapes, M in {1, 16, 280}: each bit-width vs torch
+   bf16, achieved weight GB/s (M = 1) and TOP/s (M = 280), beside the device's measured
+   copy bandwidth;
+3. the control step (prefill + 7-token decode): HF-eager BF16 (unquantized, dynamic
+   cache) as the baseline; BF16 with static cache + CUDA graphs; static W4A16/A8/A4/A2;
+   dynamic, following the bit trace the kinematic monitor produces on the synthetic
+   pick-and-place episode; each eager and with CUDA graphs; p50/p99 ms over --steps
+   steps after warm-up, speed-ups against the baseline measured in this run, and peak
+   GPU memory per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+QUICK = "--quick" in sys.argv
+if QUICK and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is launched
+
+from dyqvla_ros.bags.synthetic import write_episodes  # noqa: E402
+from dyqvla_ros.dispatcher import Dispatcher  # noqa: E402
+from dyqvla_ros.kernels.int4 import pack_int4  # noqa: E402
+from dyqvla_ros.kernels.w4a_gemm import w4a_gemm, w4a_gemm_reference  # noqa: E402
+from dyqvla_ros.kinematics import KinematicMonitor  # noqa: E402
+from dyqvla_ros.model import VLAPolicy, load_openvla  # noqa: E402
+from dyqvla_ros.model.tiny import ensure_tiny_openvla  # noqa: E402
+from dyqvla_ros.precision import PrecisionController  # noqa: E402
+from dyqvla_ros.profiling import control_steps, read_episode  # noqa: E402
+from dyqvla_ros.quant import quantize_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import model_step  # noqa: E402
+
+import kernels as kernel_bench  # noqa: E402
+
+BITS = (16, 8, 4, 2)
+INSTRUCTION = "put the red cube on the blue target"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kernel_correctness(device: torch.device, dtype: torch.dtype) -> list[dict]:
+    shapes = [(1, 256, 384, 128), (5, 200, 96, 64), (40, 384, 256, 32)]
+    if device.type == "cuda":
+        shapes = [(1, 4096, 4096, 128), (16, 4096, 11008, 128), (280, 11008, 4096, 128), (3, 4000, 4000, 64)]
+    rows, g = [], torch.Generator().manual_seed(0)
+    for m, k, n, group in shapes:
+        k_pad = -(-k // group) * group
+        q = torch.randint(-8, 8, (k_pad, n), generator=g, dtype=torch.int8)
+        q[k:] = 0
+        qweight = pack_int4(q).to(device)
+        scales = (torch.rand(k_pad // group, n, generator=g) * 0.02 + 1e-3).half().to(device)
+        x = (torch.randn(m, k, generator=g) * (1 + 20 * (torch.rand(k, generator=g) > 0.99))).to(
+            device, dtype
+        )
+        for bits in BITS:
+            ours = w4a_gemm(x, qweight, scales, bits, group)
+            ref = w4a_gemm_reference(x, qweight, scales, bits, group)
+            err = ((ours - ref).abs().max() / ref.abs().max()).item()
+            tol = 1e-2 if bits == 16 and dtype != torch.float32 else 1e-4
+            rows.append(
+                {"M": m, "K": k, "N": n, "group": group, "bits": bits, "rel_err": err, "ok": err <= tol}
+            )
+    return rows
+
+
+def bit_trace(rate_hz: float = 5.0) -> list[int]:
+    """b*_t of the kinematic monitor + dispatcher over the synthetic episode (no model)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        bag = write_episodes(Path(tmp) / "episode", episodes=1, seed=0)
+        episode = read_episode(bag, "/image", "/ee_pose", "/instruction", None)
+        controller = PrecisionController(KinematicMonitor(), Dispatcher())
+        return [controller.decide(step.motion).bits for step in control_steps(episode, rate_hz)]
+
+
+def time_steps(policy: VLAPolicy, frames: list[np.ndarray], bits_per_step: list[int], device) -> list[float]:
+    times = []
+    for i, bits in enumerate(bits_per_step):
+        sync(device)
+        start = time.perf_counter()
+        policy.decode(policy.prefill(frames[i % len(frames)], INSTRUCTION), bits)
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def run_mode(name: str, policy: VLAPolicy, graphs: bool, trace: list[int], steps: int, device) -> dict:
+    """Time ``steps`` control steps at the bit-widths of ``trace`` (graphs only for those)."""
+    frames = [np.random.default_rng(i).integers(0, 256, (224, 224, 3), dtype=np.uint8) for i in range(4)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    status = policy.enable_cuda_graphs(tuple(sorted(set(trace))), max_cache_len=512) if graphs else False
+    warm = 3
+    bits = [trace[i % len(trace)] for i in range(warm + steps)]
+    times = time_steps(policy, frames, bits, device)[warm:]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {
+        "mode": name,
+        "graphs": status,
+        "graph_status": policy.graph_status,
+        "p50_ms": statistics.median(times),
+        "p99_ms": float(np.percentile(times, 99)),
+        "mean_bits": float(np.mean(bits[warm:])),
+        "peak_gib": peak,
+    }
+
+
+def graphs_match_eager(policy_graphs: VLAPolicy, policy_eager: VLAPolicy) -> dict[int, bool]:
+    frame = np.random.default_rng(9).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    a, b = policy_graphs.prefill(frame, INSTRUCTION), policy_eager.prefill(frame, INSTRUCTION)
+    return {
+        bits: bool(np.array_equal(policy_graphs.decode(a, bits).tokens, policy_eager.decode(b, bits).tokens))
+        for bits in BITS
+    }
+
+
+def end_to_end(device: torch.device, steps: int) -> tuple[list[dict], dict]:
+    trace = bit_trace()
+    if device.type == "cuda":
+        loaded = model_step.random_7b(device, quantize=False)
+    else:
+        loaded = load_openvla(ensure_tiny_openvla())
+    rows = []
+    baseline = VLAPolicy(loaded, restrict_to_actions=True)
+    rows.append(run_mode("HF-eager BF16", baseline, False, [16], steps, device))
+    rows.append(
+        run_mode(
+            "BF16 + static cache + graphs",
+            VLAPolicy(loaded, restrict_to_actions=True),
+            True,
+            [16],
+            steps,
+            device,
+        )
+    )
+    quantize_model(loaded.model, 128 if device.type == "cuda" else 32, include=["language_model.*"])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    checks = {}
+    for graphs in (False, True):
+        for bits in BITS:
+            policy = VLAPolicy(loaded, restrict_to_actions=True)
+            rows.append(run_mode(f"W4A{bits}", policy, graphs, [bits], steps, device))
+        rows.append(
+            run_mode(
+                "dynamic (trace)", VLAPolicy(loaded, restrict_to_actions=True), graphs, trace, steps, device
+            )
+        )
+    graphed = VLAPolicy(loaded, restrict_to_actions=True)
+    if graphed.enable_cuda_graphs(max_cache_len=512):
+        checks = graphs_match_eager(graphed, VLAPolicy(loaded, restrict_to_actions=True))
+    base = rows[0]["p50_ms"]
+    for row in rows:
+        row["speedup_vs_hf_eager"] = base / row["p50_ms"]
+    return rows, {
+        "graph_tokens_match_eager": checks,
+        "trace_share": {b: trace.count(b) / len(trace) for b in BITS},
+    }
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync(device)
+    return 2 * 10 * src.numel() / (time.perf_counter() - start) / 1e9  # read + write
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, seconds")
+    parser.add_argument("--steps", type=int, default=None, help="timed control steps per mode")
+    parser.add_argument("--json", default="gpu_suite.json")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.quick:
+        parser.error("no CUDA device: run with --quick (tiny shapes on the CPU)")
+    steps = args.steps or (50 if device.type == "cuda" else 3)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    correctness = kernel_correctness(device, dtype)
+    bandwidth = copy_bandwidth_gbps(device)
+    linears = kernel_bench.QUICK_LINEARS if args.quick else kernel_bench.LLAMA7B_LINEARS
+    kernels = kernel_bench.run(
+        linears, [1, 16, 40] if args.quick else [1, 16, 280], device, 3 if args.quick else 50
+    )
+    steps_rows, extra = end_to_end(device, steps)
+    result = {**info, "copy_bandwidth_GBps": bandwidth, "correctness": correctness, "kernels": kernels,
+              "control_step": steps_rows, **extra, "seconds": time.perf_counter() - started}  # fmt: skip
+    Path(args.json).write_text(json.dumps(result, indent=1))
+
+    print(f"{info['device']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
+    bad = [r for r in correctness if not r["ok"]]
+    print(f"kernel vs reference: {len(correctness) - len(bad)}/{len(correctness)} within tolerance")
+    for r in bad:
+        print(f"  MISMATCH M={r['M']} K={r['K']} N={r['N']} bits={r['bits']} rel_err={r['rel_err']:.2e}")
+    print(f"graph decode tokens == eager: {extra['graph_tokens_match_eager'] or 'n/a (no CUDA graphs here)'}")
+    print(f"device copy bandwidth: {bandwidth:.0f} GB/s")
+    kernel_bench.print_table(kernels, info["device"])
+    print(f"{'control step mode':<30}{'graphs':>7}{'p50 ms':>9}{'p99 ms':>9}{'speed-up':>10}{'peak GiB':>10}")
+    for r in steps_rows:
+        print(
+            f"{r['mode']:<30}{'yes' if r['graphs'] else 'no':>7}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['speedup_vs_hf_eager']:>10.2f}{r['peak_gib']:>10.2f}"
+        )
+    print(f"bit trace share: {extra['trace_share']}; total {result['seconds']:.0f} s; JSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
