@@ -54,6 +54,7 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 bench: setup
+	mkdir -p out
 	$(BIN)/python bench/monitor_overhead.py
 	$(BIN)/python bench/kernels.py
 	$(BIN)/python bench/model_step.py
