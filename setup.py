@@ -13,7 +13,14 @@ PACKAGE = "dyqvla_ros"
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=[PACKAGE, f"{PACKAGE}.kernels", f"{PACKAGE}.model", f"{PACKAGE}.bags", f"{PACKAGE}.tools"],
+    packages=[
+        PACKAGE,
+        f"{PACKAGE}.kernels",
+        f"{PACKAGE}.model",
+        f"{PACKAGE}.bags",
+        f"{PACKAGE}.tools",
+        f"{PACKAGE}.sim",
+    ],
     package_dir={f"{PACKAGE}.kernels": "kernels"},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
@@ -37,6 +44,7 @@ setup(
             "dyqvla-profile = dyqvla_ros.tools.profile:main",
             "dyqvla-plot = dyqvla_ros.tools.plot:main",
             "dyqvla-demo = dyqvla_ros.tools.demo:main",
+            "dyqvla-collect = dyqvla_ros.sim.collect:main",
         ],
     },
 )

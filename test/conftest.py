@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)  # ROS 2 from pip: the venv is the prefix
+os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
+os.environ.setdefault(
+    "MUJOCO_GL", "egl"
+)  # offscreen rendering without a display  # ROS 2 from pip: the venv is the prefix
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
 os.environ.setdefault(

@@ -1,0 +1,1 @@
+"""Our own MuJoCo tabletop benchmark: scene, environment, scripted expert (no ROS)."""

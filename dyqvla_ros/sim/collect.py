@@ -1,0 +1,140 @@
+"""``dyqvla-collect OUT``: scripted-expert episodes of the tabletop as a rosbag2.
+
+Same topics the node consumes (camera, end-effector pose, joint states, instruction)
+plus the expert's action, so ``dyqvla-profile`` runs on simulated recordings and
+behaviour cloning can read them:
+
+    /image          sensor_msgs/Image          rgb8 from the front camera, 10 Hz (each step)
+    /ee_pose        geometry_msgs/PoseStamped  measured hand pose, 10 Hz
+    /joint_states   sensor_msgs/JointState     the two finger slides (m), 10 Hz
+    /instruction    std_msgs/String            at each episode start, transient local
+    /expert_action  std_msgs/Float32MultiArray the 7-D action taken at that step
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+from rosbags.rosbag2 import Writer
+
+from dyqvla_ros.bags.store import STORAGES, typestore
+from dyqvla_ros.bags.synthetic import LATCHED_QOS, RELIABLE_QOS, START_NS
+from dyqvla_ros.sim.env import CONTROL_HZ, Observation, TabletopEnv
+from dyqvla_ros.sim.expert import ScriptedExpert
+
+
+class _BagOut:
+    """Typed writers for the collected topics."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.store = store = typestore()
+        t = store.types
+        self.T = t
+        add = lambda topic, name, qos=RELIABLE_QOS: writer.add_connection(  # noqa: E731
+            topic, t[name].__msgtype__, typestore=store, offered_qos_profiles=[qos]
+        )
+        self.writer = writer
+        self.image = add("/image", "sensor_msgs/msg/Image")
+        self.pose = add("/ee_pose", "geometry_msgs/msg/PoseStamped")
+        self.joints = add("/joint_states", "sensor_msgs/msg/JointState")
+        self.instruction = add("/instruction", "std_msgs/msg/String", LATCHED_QOS)
+        self.action = add("/expert_action", "std_msgs/msg/Float32MultiArray")
+
+    def _write(self, connection, ns: int, msg) -> None:
+        self.writer.write(connection, ns, self.store.serialize_cdr(msg, msg.__msgtype__))
+
+    def header(self, ns: int, frame: str):
+        t = self.T
+        stamp = t["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9)
+        return t["std_msgs/msg/Header"](stamp=stamp, frame_id=frame)
+
+    def observation(self, ns: int, obs: Observation) -> None:
+        t = self.T
+        h, w, _ = obs.image.shape
+        self._write(
+            self.image,
+            ns,
+            t["sensor_msgs/msg/Image"](
+                header=self.header(ns, "camera"), height=h, width=w, encoding="rgb8", is_bigendian=0,
+                step=w * 3, data=obs.image.reshape(-1),
+            ),
+        )  # fmt: skip
+        p, q = obs.ee_position, obs.ee_quaternion
+        pose = t["geometry_msgs/msg/Pose"](
+            position=t["geometry_msgs/msg/Point"](x=p[0], y=p[1], z=p[2]),
+            orientation=t["geometry_msgs/msg/Quaternion"](x=q[0], y=q[1], z=q[2], w=q[3]),
+        )
+        self._write(
+            self.pose, ns, t["geometry_msgs/msg/PoseStamped"](header=self.header(ns, "base_link"), pose=pose)
+        )
+        joints = t["sensor_msgs/msg/JointState"](
+            header=self.header(ns, ""), name=["finger_left", "finger_right"], position=obs.fingers,
+            velocity=np.zeros(0), effort=np.zeros(0),
+        )  # fmt: skip
+        self._write(self.joints, ns, joints)
+
+    def instruction_text(self, ns: int, text: str) -> None:
+        self._write(self.instruction, ns, self.T["std_msgs/msg/String"](data=text))
+
+    def expert_action(self, ns: int, action: np.ndarray) -> None:
+        t = self.T
+        layout = t["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
+        self._write(
+            self.action,
+            ns,
+            t["std_msgs/msg/Float32MultiArray"](layout=layout, data=action.astype(np.float32)),
+        )
+
+
+def collect(out: str | Path, episodes: int, seed: int = 0, size: int = 128, storage: str = "mcap") -> dict:
+    """Run ``episodes`` expert episodes (seeds seed, seed+1, ...) into a new bag."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; rosbag2 writes a new directory")
+    env, expert = TabletopEnv(render_size=size), ScriptedExpert()
+    period_ns = int(1e9 / CONTROL_HZ)
+    ns, successes, steps = START_NS, 0, 0
+    with Writer(out, version=9, storage_plugin=STORAGES[storage]) as writer:
+        bag = _BagOut(writer)
+        for k in range(episodes):
+            obs = env.reset(seed + k)
+            expert.reset()
+            bag.instruction_text(ns, obs.instruction)
+            done = success = False
+            while not done:
+                action = expert.act(env)
+                bag.observation(ns, obs)
+                bag.expert_action(ns, action)
+                obs, done, success = env.step(action)
+                ns += period_ns
+                steps += 1
+            bag.observation(ns, obs)
+            successes += success
+            ns += 10 * period_ns  # a pause between episodes
+    return {"episodes": episodes, "successes": successes, "steps": steps}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", type=Path, help="bag directory to create")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=128, help="camera image side (pixels)")
+    parser.add_argument("--storage", choices=sorted(STORAGES), default="mcap")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    try:
+        summary = collect(args.out, args.episodes, args.seed, args.size, args.storage)
+    except FileExistsError as err:
+        parser.exit(2, f"dyqvla-collect: {err}\n")
+    successes, episodes, steps = summary["successes"], summary["episodes"], summary["steps"]
+    print(f"{successes}/{episodes} expert successes, {steps} steps -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Scripted expert for the tabletop: closed-loop phases with coarse and fine motion.
+
+    above cube (coarse) -> descend + align the wrist to the cube (fine, rotating) -> close
+    -> lift -> transport (coarse) -> lower (fine) -> release -> retreat
+
+Steps are capped per phase (4 cm coarse, 1 cm fine, 0.2 rad of yaw), the contrast the
+kinematic monitor is built to see.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from dyqvla_ros.sim.env import TabletopEnv
+
+COARSE_STEP, FINE_STEP, YAW_STEP = 0.04, 0.01, 0.2
+TRAVEL_Z, GRASP_Z, PLACE_Z = 0.12, 0.035, 0.042
+
+
+def _wrap(angle: float) -> float:
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+class ScriptedExpert:
+    def __init__(self) -> None:
+        self.phase = "above_cube"
+        self.count = 0
+
+    def reset(self) -> None:
+        self.phase, self.count = "above_cube", 0
+
+    def _move(self, ee: np.ndarray, goal: np.ndarray, step: float) -> np.ndarray:
+        delta = goal - ee
+        norm = np.linalg.norm(delta)
+        return delta if norm <= step else delta * (step / norm)
+
+    def act(self, env: TabletopEnv) -> np.ndarray:
+        """The 7-D action for the current state (Δxyz, Δrpy, gripper)."""
+        cube, cube_yaw = env.cube_pose(env.task[0])
+        target = env.target_position(env.task[1])
+        ee, quat = env.ee_pose()
+        yaw = Rotation.from_quat(quat).as_euler("xyz")[2]
+        # The fingers close along the hand's y axis: any of the cube's 4 faces will do.
+        grasp_yaw = yaw + _wrap(4 * (cube_yaw - yaw)) / 4
+        dyaw, gripper, delta = 0.0, 1.0, np.zeros(3)
+        phase = self.phase
+        if phase == "above_cube":
+            goal = np.array([cube[0], cube[1], TRAVEL_Z])
+            delta = self._move(ee, goal, COARSE_STEP)
+            if np.linalg.norm(goal - ee) < 0.01:
+                self.phase = "descend"
+        elif phase == "descend":
+            goal = np.array([cube[0], cube[1], GRASP_Z])
+            delta = self._move(ee, goal, FINE_STEP)
+            dyaw = float(np.clip(grasp_yaw - yaw, -YAW_STEP, YAW_STEP))
+            if np.linalg.norm(goal - ee) < 0.004 and abs(grasp_yaw - yaw) < 0.03:
+                self.phase, self.count = "close", 0
+        elif phase == "close":
+            gripper = 0.0
+            self.count += 1
+            if self.count >= 3:
+                self.phase = "lift"
+        elif phase == "lift":
+            gripper = 0.0
+            goal = np.array([ee[0], ee[1], TRAVEL_Z])
+            delta = self._move(ee, goal, 0.03)
+            if TRAVEL_Z - ee[2] < 0.01:
+                self.phase = "transport"
+        elif phase == "transport":
+            gripper = 0.0
+            goal = np.array([target[0], target[1], TRAVEL_Z])
+            delta = self._move(ee, goal, COARSE_STEP)
+            if np.linalg.norm(goal - ee) < 0.01:
+                self.phase = "lower"
+        elif phase == "lower":
+            gripper = 0.0
+            goal = np.array([target[0], target[1], PLACE_Z])
+            delta = self._move(ee, goal, FINE_STEP)
+            if np.linalg.norm(goal - ee) < 0.004:
+                self.phase, self.count = "release", 0
+        elif phase == "release":
+            self.count += 1
+            if self.count >= 3:
+                self.phase = "retreat"
+        else:  # retreat
+            delta = self._move(ee, np.array([ee[0], ee[1], TRAVEL_Z]), COARSE_STEP)
+        return np.array([*delta, 0.0, 0.0, dyaw, gripper])
+
+
+def run_episode(env: TabletopEnv, seed: int, expert: ScriptedExpert | None = None) -> tuple[bool, int]:
+    """One expert episode; returns (success, steps)."""
+    expert = expert or ScriptedExpert()
+    env.reset(seed)
+    expert.reset()
+    done = success = False
+    while not done:
+        _, done, success = env.step(expert.act(env))
+    return success, env.steps
