@@ -45,6 +45,7 @@ setup(
             "dyqvla-plot = dyqvla_ros.tools.plot:main",
             "dyqvla-demo = dyqvla_ros.tools.demo:main",
             "dyqvla-collect = dyqvla_ros.sim.collect:main",
+            "dyqvla-train = dyqvla_ros.tools.train:main",
         ],
     },
 )

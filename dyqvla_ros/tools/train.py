@@ -1,0 +1,66 @@
+"""``dyqvla-train BAG... --out DIR``: behaviour cloning of a tiny OpenVLA-architecture policy.
+
+Starts from the tiny model built from ``--seed`` (or ``--init`` checkpoint), trains on
+the expert steps of ``dyqvla-collect`` bags on the CPU, and writes an OpenVLA-format
+checkpoint (with ``dataset_statistics.json``) every ``--save-every`` steps and at the end.
+``--resume`` continues from DIR's checkpoint and optimizer state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dyqvla_ros.bags.store import BagError
+from dyqvla_ros.model import CheckpointError, load_openvla
+from dyqvla_ros.model.tiny import make_tiny_openvla
+from dyqvla_ros.training import STATE_FILE, BehaviourCloning, load_samples
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("bags", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--init", type=Path, help="starting checkpoint (default: a tiny model from --seed)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=200)
+    parser.add_argument("--resume", action="store_true", help="continue from --out")
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    try:
+        samples = load_samples(args.bags)
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.resume:
+                if not (args.out / STATE_FILE).is_file():
+                    raise CheckpointError(f"--resume: {args.out} has no {STATE_FILE}")
+                start = args.out
+            else:
+                start = args.init or make_tiny_openvla(Path(tmp) / "init", seed=args.seed)
+            run = BehaviourCloning(load_openvla(start), samples, args.lr, args.seed)
+            if args.resume:
+                run.resume(args.out)
+            progress = tqdm(
+                range(run.step, args.steps), desc="training", unit="step", initial=run.step, total=args.steps
+            )
+            for _ in progress:
+                loss = run.train_step(args.batch)
+                progress.set_postfix(loss=f"{loss:.3f}")
+                if run.step % args.save_every == 0:
+                    run.save(args.out)
+            run.save(args.out)
+    except (BagError, CheckpointError) as err:
+        parser.exit(2, f"dyqvla-train: {err}\n")
+    print(f"trained {run.step} steps on {len(samples)} samples -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
