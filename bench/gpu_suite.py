@@ -56,11 +56,6 @@ BITS = (16, 8, 4, 2)
 INSTRUCTION = "put the red cube on the blue target"
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def kernel_correctness(device: torch.device, dtype: torch.dtype) -> list[dict]:
     shapes = [(1, 256, 384, 128), (5, 200, 96, 64), (40, 384, 256, 32)]
     if device.type == "cuda":
@@ -98,10 +93,10 @@ def bit_trace(rate_hz: float = 5.0) -> list[int]:
 def time_steps(policy: VLAPolicy, frames: list[np.ndarray], bits_per_step: list[int], device) -> list[float]:
     times = []
     for i, bits in enumerate(bits_per_step):
-        sync(device)
+        kernel_bench.sync(device)
         start = time.perf_counter()
         policy.decode(policy.prefill(frames[i % len(frames)], INSTRUCTION), bits)
-        sync(device)
+        kernel_bench.sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return times
 
@@ -186,11 +181,11 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     src = torch.empty(2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    sync(device)
+    kernel_bench.sync(device)
     start = time.perf_counter()
     for _ in range(10):
         dst.copy_(src)
-    sync(device)
+    kernel_bench.sync(device)
     return 2 * 10 * src.numel() / (time.perf_counter() - start) / 1e9  # read + write
 
 

@@ -35,7 +35,8 @@ QUICK_LINEARS = [("quick", 256, 384)]
 BITS = (16, 8, 4, 2)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device, so wall-clock timings include the work (CUDA is asynchronous)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -43,12 +44,12 @@ def _sync(device: torch.device) -> None:
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     """Median wall time of ``fn`` in ms (CUDA-synchronised), after one warm-up call."""
     fn()
-    _sync(device)
+    sync(device)
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
 

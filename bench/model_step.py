@@ -20,17 +20,13 @@ import torch
 
 from dyqvla_ros.model import VLAPolicy, load_openvla
 from dyqvla_ros.model.config import OpenVLAConfig
-from dyqvla_ros.model.loader import LoadedOpenVLA, build_model, load_quantized_openvla
+from dyqvla_ros.model.loader import LoadedOpenVLA, build_model, load_quantized_openvla, rebuild_rotary
 from dyqvla_ros.model.tiny import build_tokenizer, ensure_tiny_openvla
 from dyqvla_ros.quant import quantize_model, weight_bytes
+from kernels import sync  # bench/kernels.py, beside this script
 
 FIXTURE_7B = Path(__file__).resolve().parents[1] / "test" / "fixtures" / "openvla7b_config.json"
 BITS = (16, 8, 4, 2)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_7b(device: torch.device, quantize: bool = True) -> LoadedOpenVLA:
@@ -40,9 +36,7 @@ def random_7b(device: torch.device, quantize: bool = True) -> LoadedOpenVLA:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02)
-    decoder = model.language_model.model
-    with torch.device(device):
-        decoder.rotary_emb = type(decoder.rotary_emb)(model.language_model.config)
+    rebuild_rotary(model, device)
     if quantize:
         quantize_model(model, 128, include=["language_model.*"], backend="triton")
     stats = {"random": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mask": [True] * 7}}}
@@ -57,13 +51,13 @@ def measure(loaded: LoadedOpenVLA, steps: int, device: torch.device) -> list[dic
     for bits in BITS:
         prefill_ms, decode_ms = [], []
         for i in range(steps + 2):  # two warm-up steps
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             state = policy.prefill(frames[i % 4], "put the red cube on the blue target")
-            _sync(device)
+            sync(device)
             t1 = time.perf_counter()
             policy.decode(state, bits)
-            _sync(device)
+            sync(device)
             t2 = time.perf_counter()
             if i >= 2:
                 prefill_ms.append((t1 - t0) * 1e3)

@@ -30,6 +30,8 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
+from dyqvla_ros.bags.store import stamp_seconds
+
 NODE = Path(sys.executable).parent / "policy_node"
 LATCHED = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
@@ -76,7 +78,7 @@ def summarize(label: str, steps: list[PrecisionState]) -> None:
     if len(steps) < 3:
         print(f"{label}: only {len(steps)} steps received")
         return
-    stamps = np.array([m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec for m in steps])
+    stamps = np.array([stamp_seconds(m.header) for m in steps])
     rate = (len(steps) - 1) / (stamps[-1] - stamps[0])
     prefill = np.array([m.prefill_ms for m in steps])
     decode = np.array([m.decode_ms for m in steps])

@@ -125,8 +125,8 @@ class PolicyNode(Node):
         self.params: PolicyParams = declare_parameters(self)
         p = self.params
         self.period_s = 1.0 / p.control_rate_hz
-        self.device = "cuda" if p.device == "auto" and torch.cuda.is_available() else p.device
-        self.device = "cpu" if self.device == "auto" else self.device
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = auto if p.device == "auto" else p.device
         self.model_path = p.model_path or str(ensure_tiny_openvla())
         self.policy = self._load_policy()
         self.controller = PrecisionController(

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dyqvla_ros.dispatcher import FULL_PRECISION, Dispatcher
+from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.kinematics import KinematicMonitor, KinematicState
 
 PRECISION_MODES = ("dynamic", "2", "4", "8", "16")
@@ -65,10 +65,7 @@ class PrecisionController:
             sensitivity=d.sensitivity,
             motion_fineness=last.m_tilde if last else 0.0,
             angular_jerk=last.j_tilde if last else 0.0,
-            counter=getattr(d, "counter", 0),
+            counter=d.counter,
             motion_valid=state is not None and state.valid,
             monitor_us=(time.perf_counter() - start) * 1e6,
         )
-
-
-__all__ = ["FULL_PRECISION", "PRECISION_MODES", "PrecisionController", "PrecisionDecision"]

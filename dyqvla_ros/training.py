@@ -88,12 +88,7 @@ class BehaviourCloning:
         self.tokenizer = ActionTokenizer(loaded.config.text_vocab_size, loaded.config.n_action_bins)
         self.targets = torch.as_tensor(self.tokenizer.encode(stats.normalize(actions)), dtype=torch.long)
         self.samples = samples
-        backbone = self.model.vision_backbone
-        featurizers = [
-            backbone.featurizer,
-            *([backbone.fused_featurizer] if backbone.use_fused_vision_backbone else []),
-        ]
-        self.preprocess = ImagePreprocessor(featurizers, loaded.config.image_size)
+        self.preprocess = ImagePreprocessor(self.model.vision_backbone.featurizers, loaded.config.image_size)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
         self.seed, self.step = seed, 0
         self.rng = np.random.default_rng([seed, 0])
@@ -131,14 +126,14 @@ class BehaviourCloning:
         config = {**json.loads((source / "config.json").read_text()), "norm_stats": norm_stats}
         _atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
         _atomic(out / "dataset_statistics.json", lambda p: p.write_text(json.dumps(norm_stats, indent=2)))
-        moments = {}
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                for key, value in self.optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(value) and value.dim() > 0:
-                        moments[f"{names[id(p)]}/{key}"] = value.contiguous()
-        meta = {"step": str(self.step), "opt_step": json.dumps(_opt_steps(self.optimizer, names))}
+        moments, opt_steps = {}, {}
+        for name, p in self.model.named_parameters():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if key == "step":
+                    opt_steps[name] = float(value)
+                elif torch.is_tensor(value) and value.dim() > 0:
+                    moments[f"{name}/{key}"] = value.contiguous()
+        meta = {"step": str(self.step), "opt_step": json.dumps(opt_steps)}
         _atomic(out / STATE_FILE, lambda p: save_file(moments, str(p), metadata=meta))
 
     def resume(self, out: Path) -> None:
@@ -154,16 +149,6 @@ class BehaviourCloning:
                 state["step"] = torch.tensor(float(opt_steps[name]))
         self.step = int(meta["step"])
         self.rng = np.random.default_rng([self.seed, self.step])  # batches continue, not repeat
-
-
-def _opt_steps(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, float]:
-    steps = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            step = optimizer.state.get(p, {}).get("step")
-            if step is not None:
-                steps[names[id(p)]] = float(step)
-    return steps
 
 
 def _atomic(path: Path, write) -> None:

@@ -13,6 +13,8 @@ from diagnostic_msgs.msg import DiagnosticStatus
 from node_harness import Driver, rgb_image, run_node_expecting_exit, start_node, stop
 from sensor_msgs.msg import Image, JointState
 
+from dyqvla_ros.bags.store import stamp_seconds
+
 INSTRUCTION = "put the red cube on the blue target"
 
 
@@ -49,7 +51,7 @@ def test_commands_and_precision_at_the_control_rate(tmp_path, driver):
         out = stop(proc)
     assert proc.returncode == 0, out  # clean shutdown on SIGINT
     precision = [m for _, m in driver.precision]
-    stamps = np.array([m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec for m in precision])
+    stamps = np.array([stamp_seconds(m.header) for m in precision])
     assert len(precision) >= 20, out
     assert np.median(np.diff(stamps)) == pytest.approx(0.2, abs=0.01)  # steps start at 5 Hz
     steps = [m.step for m in precision]
@@ -120,13 +122,9 @@ def test_precision_follows_motion(tmp_path, driver):
     assert fine[-1] == 16 and np.mean(fine) > np.mean(coarse), (coarse, fine)
 
 
-def stamp_s(msg) -> float:
-    return msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec
-
-
 def stamped_since(driver: Driver, seconds: float) -> list:
     """Precision messages of steps that started in the last ``seconds`` (node clock)."""
-    return [m for _, m in driver.precision if stamp_s(m) > time.time() - seconds]
+    return [m for _, m in driver.precision if stamp_seconds(m.header) > time.time() - seconds]
 
 
 def test_fixed_precision_mode_and_dry_run(tmp_path, driver):
@@ -200,7 +198,7 @@ def test_stale_inputs_hold_then_recover(tmp_path, driver):
     finally:
         stop(proc)
     # No step started more than the timeout (+ one period) after the last image.
-    stamps = [stamp_s(m) for _, m in driver.commands]
+    stamps = [stamp_seconds(m.header) for _, m in driver.commands]
     assert not [s for s in stamps if images_stopped + 0.5 + 0.2 < s < resumed]
     assert DiagnosticStatus.WARN in levels and levels[-1] == DiagnosticStatus.ERROR, levels
     assert len(zero_twists) == 5

@@ -85,5 +85,15 @@ def deserialize(store: Typestore, message: BagMessage) -> object:
     return store.deserialize_cdr(message.raw, message.msgtype)
 
 
+def ros_time(store: Typestore, ns: int) -> object:
+    """A builtin_interfaces/Time for ``ns`` nanoseconds."""
+    return store.types["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9)
+
+
+def stamp_seconds(header: object) -> float:
+    """A message header's stamp in seconds (works for rosbags and rclpy messages)."""
+    return header.stamp.sec + 1e-9 * header.stamp.nanosec
+
+
 def offered_qos(connection: Connection) -> list[Qos]:
     return list(getattr(connection.ext, "offered_qos_profiles", []) or [])

@@ -28,7 +28,7 @@ import numpy as np
 from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
 from rosbags.rosbag2 import Writer
 
-from dyqvla_ros.bags.store import STORAGES, typestore
+from dyqvla_ros.bags.store import STORAGES, ros_time, typestore
 
 INSTRUCTION = "put the red cube on the blue target"
 CAMERA_HZ, STATE_HZ = 20.0, 100.0  # the camera every 5th state sample
@@ -151,10 +151,6 @@ def _joints(ee: np.ndarray, yaw: float, gripper: float) -> np.ndarray:
     return np.array([*q, 0.04 * gripper])
 
 
-def _time(store, ns: int):
-    return store.types["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9)
-
-
 def write_episodes(
     out: str | Path, episodes: int = 1, seed: int = 0, storage: str = "mcap", size: int = 128
 ) -> Path:
@@ -193,7 +189,7 @@ def write_episodes(
             every = round(STATE_HZ / CAMERA_HZ)
             for i, t in enumerate(episode.times):
                 ns = offset_ns + round(t * 1e9)
-                stamp = _time(store, ns)
+                stamp = ros_time(store, ns)
                 e, yaw = episode.ee[i], episode.yaw[i]
                 pose = Pose(
                     position=Point(x=e[0], y=e[1], z=e[2]),

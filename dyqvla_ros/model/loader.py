@@ -104,10 +104,10 @@ def _check_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path:
             )
 
 
-def _rebuild_rotary(model: OpenVLA) -> None:
-    """The rotary inverse frequencies are a non-persistent buffer: recompute them (CPU)."""
+def rebuild_rotary(model: OpenVLA, device: str | torch.device = "cpu") -> None:
+    """The rotary inverse frequencies are a non-persistent buffer: recompute them."""
     decoder = model.language_model.model
-    with torch.device("cpu"):
+    with torch.device(device):
         decoder.rotary_emb = type(decoder.rotary_emb)(model.language_model.config)
 
 
@@ -152,7 +152,7 @@ def _load_tokenizer(path: Path, config: OpenVLAConfig) -> PreTrainedTokenizerBas
 
 def _finish(model: OpenVLA, device: str | torch.device, path: Path) -> OpenVLA:
     """Recompute non-persistent buffers, move to ``device``, check nothing is left on meta."""
-    _rebuild_rotary(model)
+    rebuild_rotary(model)
     model.to(torch.device(device))
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:

@@ -60,6 +60,13 @@ class PrismaticVisionBackbone(nn.Module):
             self.fused_featurizer = featurizers[1]
         self.embed_dim = sum(f.embed_dim for f in featurizers)
 
+    @property
+    def featurizers(self) -> list[nn.Module]:
+        """The backbones in input-channel order (each gets its own 3 channels)."""
+        if self.use_fused_vision_backbone:
+            return [self.featurizer, self.fused_featurizer]
+        return [self.featurizer]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3 or 6, H, W) -> (B, P, D_dino + D_siglip); the 6 channels are per backbone."""
         if not self.use_fused_vision_backbone:

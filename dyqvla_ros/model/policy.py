@@ -87,11 +87,9 @@ class VLAPolicy:
         if prefill_bits not in (16, PREFILL_FOLLOW) and not self.quantized:
             raise ValueError("prefill_bits below 16 needs a quantized model")
         self.prefill_bits = prefill_bits
-        backbone = self.model.vision_backbone
-        featurizers = [backbone.featurizer]
-        if backbone.use_fused_vision_backbone:
-            featurizers.append(backbone.fused_featurizer)
-        self.preprocess = ImagePreprocessor(featurizers, loaded.config.image_size, center_crop)
+        self.preprocess = ImagePreprocessor(
+            self.model.vision_backbone.featurizers, loaded.config.image_size, center_crop
+        )
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.language_model.get_input_embeddings().weight.dtype
         self._last_decode_bits = 16

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from rosbags.rosbag2 import Writer
 
-from dyqvla_ros.bags.store import STORAGES, typestore
+from dyqvla_ros.bags.store import STORAGES, ros_time, typestore
 from dyqvla_ros.bags.synthetic import LATCHED_QOS, RELIABLE_QOS, START_NS
 from dyqvla_ros.sim.env import CONTROL_HZ, Observation, TabletopEnv
 from dyqvla_ros.sim.expert import ScriptedExpert
@@ -47,9 +47,7 @@ class _BagOut:
         self.writer.write(connection, ns, self.store.serialize_cdr(msg, msg.__msgtype__))
 
     def header(self, ns: int, frame: str):
-        t = self.T
-        stamp = t["builtin_interfaces/msg/Time"](sec=ns // 10**9, nanosec=ns % 10**9)
-        return t["std_msgs/msg/Header"](stamp=stamp, frame_id=frame)
+        return self.T["std_msgs/msg/Header"](stamp=ros_time(self.store, ns), frame_id=frame)
 
     def observation(self, ns: int, obs: Observation) -> None:
         t = self.T

@@ -24,7 +24,7 @@ from rclpy.signals import SignalHandlerOptions
 
 from dyqvla_ros.bags.record import Recorder
 from dyqvla_ros.bags.replay import Replayer
-from dyqvla_ros.bags.store import deserialize, iter_messages, typestore
+from dyqvla_ros.bags.store import deserialize, iter_messages, stamp_seconds, typestore
 from dyqvla_ros.bags.synthetic import write_episodes
 from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.plotting import plot_precision
@@ -38,7 +38,7 @@ def summarize(recorded: Path, png: Path) -> dict:
         raise RuntimeError(f"no precision messages were recorded in {recorded}")
     bits = np.array([s.bits for s in states])
     step_ms = np.array([s.step_ms for s in states])
-    t = np.array([s.header.stamp.sec + 1e-9 * s.header.stamp.nanosec for s in states])
+    t = np.array([stamp_seconds(s.header) for s in states])
     plot_precision(png, t - t[0], bits, np.array([s.sensitivity for s in states]))
     p50, p99 = np.percentile(step_ms, [50, 99])
     return {

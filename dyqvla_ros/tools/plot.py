@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dyqvla_ros.bags.store import BagError, deserialize, iter_messages, typestore
+from dyqvla_ros.bags.store import BagError, deserialize, iter_messages, stamp_seconds, typestore
 from dyqvla_ros.plotting import plot_precision
 
 
@@ -22,7 +22,7 @@ def precision_from_bag(path: Path, topic: str) -> tuple[np.ndarray, np.ndarray, 
     rows = []
     for message in iter_messages(path, [topic]):
         msg = deserialize(store, message)
-        rows.append((msg.header.stamp.sec + 1e-9 * msg.header.stamp.nanosec, msg.bits, msg.sensitivity))
+        rows.append((stamp_seconds(msg.header), msg.bits, msg.sensitivity))
     if not rows:
         raise BagError(f"{path}: no messages on {topic}")
     t, bits, s = (np.array(column) for column in zip(*rows, strict=True))
