@@ -22,6 +22,8 @@ setup(
         f"{PACKAGE}.sim",
     ],
     package_dir={f"{PACKAGE}.kernels": "kernels"},
+    # The embedded tabletop policy (OpenVLA-format checkpoint, ~9 MB) ships inside the package.
+    package_data={PACKAGE: ["policies/tabletop/*"]},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -46,6 +48,8 @@ setup(
             "dyqvla-demo = dyqvla_ros.tools.demo:main",
             "dyqvla-collect = dyqvla_ros.sim.collect:main",
             "dyqvla-train = dyqvla_ros.tools.train:main",
+            "dyqvla-eval-sim = dyqvla_ros.tools.eval_sim:main",
+            "dyqvla-sensitivity = dyqvla_ros.tools.sensitivity:main",
         ],
     },
 )

@@ -44,7 +44,7 @@ from dyqvla_ros.kinematics import KinematicMonitor  # noqa: E402
 from dyqvla_ros.model import VLAPolicy, load_openvla  # noqa: E402
 from dyqvla_ros.model.tiny import ensure_tiny_openvla  # noqa: E402
 from dyqvla_ros.precision import PrecisionController  # noqa: E402
-from dyqvla_ros.profiling import control_steps, read_episode  # noqa: E402
+from dyqvla_ros.profiling import control_steps, read_episodes  # noqa: E402
 from dyqvla_ros.quant import quantize_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,7 +85,7 @@ def bit_trace(rate_hz: float = 5.0) -> list[int]:
     """b*_t of the kinematic monitor + dispatcher over the synthetic episode (no model)."""
     with tempfile.TemporaryDirectory() as tmp:
         bag = write_episodes(Path(tmp) / "episode", episodes=1, seed=0)
-        episode = read_episode(bag, "/image", "/ee_pose", "/instruction", None)
+        (episode,) = read_episodes(bag, "/image", "/ee_pose", "/instruction", None)
         controller = PrecisionController(KinematicMonitor(), Dispatcher())
         return [controller.decide(step.motion).bits for step in control_steps(episode, rate_hz)]
 

@@ -80,3 +80,35 @@ def plot_profile(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_sensitivity(path: str | Path, records: list[dict], correlations: dict) -> None:
+    """Paper Fig. 2-3 on our data: s_t over time with M_t and J_t, and log s_t vs each."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    twin = ax.twinx()
+    for k, seed in enumerate(sorted({r["seed"] for r in records})):
+        rows = [r for r in records if r["seed"] == seed and r["sensitivity"] > 0]
+        if not rows:
+            continue
+        t = [r["t"] for r in rows]
+        ax.semilogy(
+            t, [r["sensitivity"] for r in rows], "k-", lw=0.8, alpha=0.6, label="s_t" if k == 0 else None
+        )
+        twin.plot(t, [r["motion_fineness"] for r in rows], "b:", lw=0.8, label="M_t" if k == 0 else None)
+        twin.plot(t, [r["angular_jerk"] for r in rows], "r:", lw=0.8, label="J_t" if k == 0 else None)
+    ax.set_xlabel("control step t")
+    ax.set_ylabel("sensitivity s_t = D_T / e_t (m per unit error)")
+    twin.set_ylabel("M_t, J_t")
+    fig.legend(loc="upper left", fontsize=8)
+    usable = [r for r in records if r["sensitivity"] > 0 and np.isfinite(r["motion_fineness"])]
+    log_s = np.log([r["sensitivity"] for r in usable]) if usable else np.zeros(0)
+    for ax, key, label in ((axes[1], "motion_fineness", "M_t"), (axes[2], "angular_jerk", "J_t")):
+        ax.scatter([r[key] for r in usable], log_s, s=8, alpha=0.6)
+        r = correlations.get(key, {}).get("r", float("nan"))
+        ax.set_title(f"log s_t vs {label}: Pearson r = {r:.2f}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("log s_t")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

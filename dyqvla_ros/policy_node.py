@@ -53,8 +53,8 @@ from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.image_conversion import ImageError, compressed_to_rgb, image_to_rgb
 from dyqvla_ros.kinematics import KinematicMonitor
 from dyqvla_ros.model import CheckpointError, VLAPolicy
+from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
-from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.motion import ForwardKinematics, Motion, PoseDelta
 from dyqvla_ros.params import PolicyParams, declare_parameters
 from dyqvla_ros.precision import PrecisionController, PrecisionDecision
@@ -127,7 +127,7 @@ class PolicyNode(Node):
         self.period_s = 1.0 / p.control_rate_hz
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = auto if p.device == "auto" else p.device
-        self.model_path = p.model_path or str(ensure_tiny_openvla())
+        self.model_path = p.model_path or str(embedded_policy_path())
         self.policy = self._load_policy()
         self.controller = PrecisionController(
             KinematicMonitor(p.percentile, p.history, p.w_macro, p.w_micro),

@@ -57,10 +57,15 @@ class StepRecord:
     errors: dict[int, float]
 
 
-def read_episode(
+def read_episodes(
     bag: str | Path, image_topic: str, pose_topic: str, instruction_topic: str | None, instruction: str | None
-) -> RecordedEpisode:
-    """Frames, poses and the instruction of a bag; BagError names whatever is missing."""
+) -> list[RecordedEpisode]:
+    """The episodes of a bag; BagError names whatever is missing.
+
+    Each message on the instruction topic starts an episode (``dyqvla-collect`` and a
+    node's operator both publish one per task); frames and poses before the first one
+    belong to it. With ``instruction`` given, the whole bag is one episode.
+    """
     store = typestore()
     topics = [image_topic, pose_topic] + (
         [instruction_topic] if instruction_topic and not instruction else []
@@ -81,15 +86,23 @@ def read_episode(
             p, q = msg.pose.position, msg.pose.orientation
             poses.append((message.timestamp_ns, np.array([p.x, p.y, p.z]), np.array([q.x, q.y, q.z, q.w])))
         else:
-            texts.append(msg.data)
+            texts.append((message.timestamp_ns, msg.data))
     if not frames:
         raise BagError(f"{bag}: no usable frames on {image_topic}")
     if not poses:
         raise BagError(f"{bag}: no poses on {pose_topic}")
-    text = instruction or (texts[0] if texts else None)
-    if not text:
+    if instruction:
+        return [RecordedEpisode(frames, poses, instruction)]
+    if not texts:
         raise BagError(f"{bag}: no instruction on {instruction_topic}; pass --instruction")
-    return RecordedEpisode(frames, poses, text)
+    starts = [t for t, _ in texts[1:]] + [np.iinfo(np.int64).max]
+    episodes, begin = [], np.iinfo(np.int64).min
+    for (_, text), end in zip(texts, starts, strict=True):
+        inside = [f for f in frames if begin <= f[0] < end]
+        if inside:
+            episodes.append(RecordedEpisode(inside, [p for p in poses if begin <= p[0] < end], text))
+        begin = end
+    return episodes
 
 
 def control_steps(episode: RecordedEpisode, rate_hz: float) -> list[ControlStep]:

@@ -19,7 +19,7 @@ from dyqvla_ros.bags.store import deserialize, iter_messages, typestore
 from dyqvla_ros.bags.synthetic import CAMERA_HZ, INSTRUCTION, STATE_HZ, script_episode, write_episodes
 from dyqvla_ros.calibration import calibrate, load_calibration
 from dyqvla_ros.params import PolicyParams
-from dyqvla_ros.profiling import control_steps, read_episode
+from dyqvla_ros.profiling import control_steps, read_episodes
 from dyqvla_ros.tools import plot, profile
 
 
@@ -129,7 +129,8 @@ def test_profile_writes_a_calibration_the_node_loads(episode_bag, tmp_path, caps
         "w_micro",
         "percentile",
         "model_sha256",
-        "bag",
+        "bags",
+        "episodes",
         "date",
         "tool",
     ):
@@ -137,9 +138,9 @@ def test_profile_writes_a_calibration_the_node_loads(episode_bag, tmp_path, caps
     params = PolicyParams(calibration_file=str(out / "calibration.yaml")).validate()
     assert (params.theta_24, params.theta_48) == (calibration["theta_24"], calibration["theta_48"])
     rows = (out / "steps.csv").read_text().splitlines()
-    assert rows[0] == "t,M,J,M_tilde,J_tilde,S,b_hat,b_star,e2,e4,e8"
+    assert rows[0] == "episode,t,M,J,M_tilde,J_tilde,S,b_hat,b_star,e2,e4,e8"
     assert len(rows) - 1 == len(
-        control_steps(read_episode(episode_bag, "/image", "/ee_pose", "/instruction", None), 3)
+        control_steps(read_episodes(episode_bag, "/image", "/ee_pose", "/instruction", None)[0], 3)
     )
     assert (out / "profile.png").stat().st_size > 10_000
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left

@@ -10,7 +10,7 @@ import pytest
 mujoco = pytest.importorskip("mujoco", reason="mujoco is not installed")
 
 from dyqvla_ros.bags.store import deserialize, iter_messages, typestore  # noqa: E402
-from dyqvla_ros.profiling import control_steps, read_episode  # noqa: E402
+from dyqvla_ros.profiling import control_steps, read_episodes  # noqa: E402
 from dyqvla_ros.sim.collect import collect  # noqa: E402
 from dyqvla_ros.sim.env import TabletopEnv  # noqa: E402
 from dyqvla_ros.sim.expert import COARSE_STEP, FINE_STEP, ScriptedExpert, run_episode  # noqa: E402
@@ -85,5 +85,46 @@ def test_collect_writes_the_node_topics_and_expert_actions(tmp_path):
     assert len(action.data) == 7
     text = deserialize(store, next(iter_messages(bag, ["/instruction"]))).data
     assert text.startswith("put the ") and text.endswith(" target")
-    episode = read_episode(bag, "/image", "/ee_pose", "/instruction", None)  # what dyqvla-profile reads
-    assert len(control_steps(episode, 10.0)) >= summary["steps"]
+    episodes = read_episodes(bag, "/image", "/ee_pose", "/instruction", None)  # what dyqvla-profile reads
+    assert [e.instruction for e in episodes] == [
+        deserialize(store, m).data for m in iter_messages(bag, ["/instruction"])
+    ]
+    # each episode: its steps plus the final observation, and nothing of the other
+    assert sum(len(control_steps(e, 10.0)) for e in episodes) == summary["steps"] + 2
+    assert sum(len(e.frames) for e in episodes) == counts["/image"]
+
+
+def test_collect_noise_keeps_clean_labels(tmp_path):
+    reason = _renderer_available()
+    if reason:
+        pytest.skip(reason)
+    clean, noisy = tmp_path / "clean", tmp_path / "noisy"
+    collect(clean, episodes=1, seed=3, size=32)
+    collect(noisy, episodes=1, seed=3, size=32, noise=0.003)
+    store = typestore()
+    first = [deserialize(store, m).data for m in iter_messages(clean, ["/expert_action"])][:2]
+    first_noisy = [deserialize(store, m).data for m in iter_messages(noisy, ["/expert_action"])][:2]
+    np.testing.assert_array_equal(first[0], first_noisy[0])  # same start, label is the expert's
+    assert not np.array_equal(first[1], first_noisy[1])  # the executed noise moved the state
+    with pytest.raises(ValueError, match="noise"):
+        collect(tmp_path / "bad", episodes=1, noise=-1.0)
+
+
+def test_snapshot_restore_replays_an_episode_exactly():
+    env, expert = TabletopEnv(render_size=0), ScriptedExpert()
+    env.reset(11)
+    expert.reset()
+    for _ in range(12):
+        env.step(expert.act(env))
+    snapshot = env.snapshot()
+    actions = [np.array([0.01, -0.01, -0.005, 0, 0, 0.1, 1.0])] * 5
+    for action in actions:
+        env.step(action)
+    end = env.ee_pose()[0], env.cube_pose("red")[0], env.steps
+    env.restore(snapshot)
+    assert env.steps == 12
+    for action in actions:
+        env.step(action)
+    np.testing.assert_array_equal(env.ee_pose()[0], end[0])
+    np.testing.assert_array_equal(env.cube_pose("red")[0], end[1])
+    assert env.steps == end[2]

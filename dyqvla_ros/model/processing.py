@@ -60,13 +60,18 @@ class ImagePreprocessor:
         image = validate_image(image)
         if not image.flags.writeable:  # e.g. a frame straight from a bag
             image = image.copy()
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+        return self.batch(torch.from_numpy(image)[None])
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3 * n_backbones, S, S); training feeds batches here."""
+        x = images.permute(0, 3, 1, 2).float() / 255.0
         if self.center_crop:
             h, w = x.shape[2:]
             side = math.sqrt(LIBERO_CROP_AREA)
             ch, cw = round(h * side), round(w * side)
             top, left = (h - ch) // 2, (w - cw) // 2
             x = x[:, :, top : top + ch, left : left + cw]
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
+        if x.shape[2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
         x = x.clamp(0.0, 1.0).repeat(1, self.copies, 1, 1)
         return (x - self.mean) / self.std

@@ -1,8 +1,9 @@
 """``dyqvla-make-tiny OUT``: a tiny OpenVLA with the real architecture, built offline.
 
 Same parameter names, config.json fields and checkpoint files as ``openvla/openvla-7b``;
-only the sizes differ (2-layer Llama of width 64, 3-block ViTs of width 32 and 48), set
-through ``dyqvla_timm_overrides`` and ``text_config``. The vocabulary has the real
+only the sizes differ (3-layer Llama of width 64, 4-block ViTs of width 48 with 8 px
+patches at 128 px), set through ``image_sizes``, ``dyqvla_timm_overrides`` and
+``text_config``. The vocabulary has the real
 layout: 32000 text tokens (``<unk>``, ``<s>``, ``</s>``, 256 byte-fallback tokens,
 single characters, the empty token "▁" at id 29871, the 256 action tokens last),
 ``<PAD>`` at 32000, and embeddings padded to 32064. Its tokenizer is a character-level
@@ -32,6 +33,9 @@ from dyqvla_ros.model.processing import EMPTY_TOKEN_ID
 TEXT_VOCAB = 32000
 PADDED_VOCAB = 32064
 TINY_UNNORM_KEY = "dyqvla_tiny"
+# 128 px in 8 px patches: the 16 x 16 = 256 patch tokens of OpenVLA's 224 px / 14 px
+# backbones, at the resolution the tabletop camera records.
+TINY_IMAGE_SIZE = 128
 # Action statistics of the tiny model: 7-D deltas (m, rad) and a gripper in [0, 1].
 TINY_ACTION_STATS = {
     "q01": [-0.03, -0.03, -0.03, -0.2, -0.2, -0.2, 0.0],
@@ -40,7 +44,7 @@ TINY_ACTION_STATS = {
 }
 
 
-def tiny_config_dict(seed: int) -> dict:
+def tiny_config_dict(seed: int, n_action_bins: int = 256) -> dict:
     """config.json of the tiny model (fields of the published OpenVLA config)."""
     return {
         "model_type": "openvla",
@@ -50,14 +54,14 @@ def tiny_config_dict(seed: int) -> dict:
         "arch_specifier": "no-align+fused-gelu-mlp",
         "use_fused_vision_backbone": True,
         "image_resize_strategy": "resize-naive",
-        "image_sizes": [224, 224],
+        "image_sizes": [TINY_IMAGE_SIZE, TINY_IMAGE_SIZE],
         "timm_model_ids": ["vit_large_patch14_reg4_dinov2.lvd142m", "vit_so400m_patch14_siglip_224"],
         "timm_override_act_layers": [None, None],
         "hf_llm_id": "meta-llama/Llama-2-7b-hf",
         "llm_max_length": 2048,
         "pad_token_id": 32000,
         "pad_to_multiple_of": 64,
-        "n_action_bins": 256,
+        "n_action_bins": n_action_bins,
         "output_projector_states": False,
         "torch_dtype": "bfloat16",
         "transformers_version": transformers.__version__,
@@ -66,7 +70,7 @@ def tiny_config_dict(seed: int) -> dict:
             "vocab_size": PADDED_VOCAB,
             "hidden_size": 64,
             "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": 3,
             "num_attention_heads": 4,
             "num_key_value_heads": 4,
             "max_position_embeddings": 2048,
@@ -75,8 +79,8 @@ def tiny_config_dict(seed: int) -> dict:
             "torch_dtype": "bfloat16",
         },
         "dyqvla_timm_overrides": [
-            {"embed_dim": 32, "depth": 3, "num_heads": 2},
-            {"embed_dim": 48, "depth": 3, "num_heads": 2},
+            {"embed_dim": 48, "depth": 4, "num_heads": 3, "patch_size": 8},
+            {"embed_dim": 48, "depth": 4, "num_heads": 3, "patch_size": 8},
         ],
         "dyqvla_tiny_seed": seed,
     }
@@ -107,11 +111,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_tiny_openvla(out: str | Path, seed: int = 0) -> Path:
+def make_tiny_openvla(out: str | Path, seed: int = 0, n_action_bins: int = 256) -> Path:
     """Write a tiny OpenVLA checkpoint directory to ``out`` and return its path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = tiny_config_dict(seed)
+    data = tiny_config_dict(seed, n_action_bins)
     torch.manual_seed(seed)
     model = build_model(OpenVLAConfig.from_dict(data), device="cpu")
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}

@@ -8,13 +8,17 @@ behaviour cloning can read them:
     /ee_pose        geometry_msgs/PoseStamped  measured hand pose, 10 Hz
     /joint_states   sensor_msgs/JointState     the two finger slides (m), 10 Hz
     /instruction    std_msgs/String            at each episode start, transient local
-    /expert_action  std_msgs/Float32MultiArray the 7-D action taken at that step
+    /expert_action  std_msgs/Float32MultiArray the expert's 7-D action at that step
+
+``--noise SIGMA`` executes the expert's action plus gaussian noise (SIGMA m on each of
+Δxyz, 10·SIGMA rad on Δyaw) while recording the clean expert action as the label (DART,
+Laskey et al. 2017): the demonstrations then show how to recover from the small errors
+a cloned policy makes, instead of only the expert's own perfect states.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -87,14 +91,25 @@ class _BagOut:
         )
 
 
-def collect(out: str | Path, episodes: int, seed: int = 0, size: int = 128, storage: str = "mcap") -> dict:
+def collect(
+    out: str | Path,
+    episodes: int,
+    seed: int = 0,
+    size: int = 128,
+    storage: str = "mcap",
+    noise: float = 0.0,
+) -> dict:
     """Run ``episodes`` expert episodes (seeds seed, seed+1, ...) into a new bag."""
+    if noise < 0.0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; rosbag2 writes a new directory")
     env, expert = TabletopEnv(render_size=size), ScriptedExpert()
     period_ns = int(1e9 / CONTROL_HZ)
     ns, successes, steps = START_NS, 0, 0
+    noise_rng = np.random.default_rng([seed, 1])
+    noise_scale = noise * np.array([1.0, 1.0, 1.0, 0.0, 0.0, 10.0, 0.0])
     with Writer(out, version=9, storage_plugin=STORAGES[storage]) as writer:
         bag = _BagOut(writer)
         for k in range(episodes):
@@ -106,7 +121,7 @@ def collect(out: str | Path, episodes: int, seed: int = 0, size: int = 128, stor
                 action = expert.act(env)
                 bag.observation(ns, obs)
                 bag.expert_action(ns, action)
-                obs, done, success = env.step(action)
+                obs, done, success = env.step(action + noise_scale * noise_rng.standard_normal(7))
                 ns += period_ns
                 steps += 1
             bag.observation(ns, obs)
@@ -124,11 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="camera image side (pixels)")
     parser.add_argument("--storage", choices=sorted(STORAGES), default="mcap")
+    parser.add_argument(
+        "--noise", type=float, default=0.0, help="std (m) of the noise added to executed actions (DART)"
+    )
     args = parser.parse_args(argv)
-    os.environ.setdefault("MUJOCO_GL", "egl")
     try:
-        summary = collect(args.out, args.episodes, args.seed, args.size, args.storage)
-    except FileExistsError as err:
+        summary = collect(args.out, args.episodes, args.seed, args.size, args.storage, args.noise)
+    except (FileExistsError, ValueError) as err:
         parser.exit(2, f"dyqvla-collect: {err}\n")
     successes, episodes, steps = summary["successes"], summary["episodes"], summary["steps"]
     print(f"{successes}/{episodes} expert successes, {steps} steps -> {args.out}")

@@ -96,22 +96,37 @@ class TabletopEnv:
         start_pos = self.data.mocap_pos[0].copy()
         start_rot = Rotation.from_quat(self.data.mocap_quat[0], scalar_first=True)
         goal_pos = np.clip(start_pos + action[:3], WORKSPACE_LOW, WORKSPACE_HIGH)
-        rotations = Slerp(
+        slerp = Slerp(
             [0.0, 1.0], Rotation.concatenate([start_rot, start_rot * Rotation.from_euler("xyz", action[3:6])])
         )
         self.data.ctrl[:] = float(np.clip(action[6], 0.0, 1.0)) * FINGER_OPEN
         # The hand moves smoothly over the control period, as a Cartesian controller would
         # drive it (a mocap pose that jumps would tear grasped objects out of the fingers).
-        for k in range(1, self.substeps + 1):
-            s = k / self.substeps
+        fractions = np.arange(1, self.substeps + 1) / self.substeps
+        quats = slerp(fractions).as_quat(scalar_first=True)  # one call for all substeps
+        for s, quat in zip(fractions, quats, strict=True):
             self.data.mocap_pos[0] = start_pos + s * (goal_pos - start_pos)
-            self.data.mocap_quat[0] = rotations(s).as_quat(scalar_first=True)
+            self.data.mocap_quat[0] = quat
             mujoco.mj_step(self.model, self.data)
         self.steps += 1
         success = self.success()
         return self.observe(), success or self.steps >= self.max_steps, success
 
     # --- state --------------------------------------------------------------------------
+    def snapshot(self) -> tuple[np.ndarray, int]:
+        """Everything that determines the rest of an episode (physics, controls, mocap, step)."""
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        state = np.empty(mujoco.mj_stateSize(self.model, spec))
+        mujoco.mj_getState(self.model, self.data, state, spec)
+        return state, self.steps
+
+    def restore(self, snapshot: tuple[np.ndarray, int]) -> Observation:
+        """Back to a ``snapshot`` of the current episode (same task and target zones)."""
+        state, self.steps = snapshot
+        mujoco.mj_setState(self.model, self.data, state, mujoco.mjtState.mjSTATE_INTEGRATION)
+        mujoco.mj_forward(self.model, self.data)
+        return self.observe()
+
     def cube_pose(self, color: str) -> tuple[np.ndarray, float]:
         body = self.data.body(f"cube_{color}")
         yaw = Rotation.from_quat(body.xquat, scalar_first=True).as_euler("xyz")[2]

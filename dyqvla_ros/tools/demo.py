@@ -1,6 +1,7 @@
-"""``dyqvla-demo``: the whole pipeline on the embedded tiny model, in about a minute.
+"""``dyqvla-demo``: the whole pipeline on the embedded policy, in about a minute.
 
-1. build the tiny model (first use) and a synthetic pick-and-place bag;
+1. record one scripted-expert episode of the simulated tabletop (a held-out seed) as a
+   rosbag2, with the camera, pose and instruction topics a robot would publish;
 2. start ``policy_node`` with ``kinematic_source: ee_pose``;
 3. record its ``precision`` and ``ee_command`` while replaying the bag into it;
 4. stop everything and print a summary (steps, share of steps per bit-width, step
@@ -25,9 +26,11 @@ from rclpy.signals import SignalHandlerOptions
 from dyqvla_ros.bags.record import Recorder
 from dyqvla_ros.bags.replay import Replayer
 from dyqvla_ros.bags.store import deserialize, iter_messages, stamp_seconds, typestore
-from dyqvla_ros.bags.synthetic import write_episodes
-from dyqvla_ros.model.tiny import ensure_tiny_openvla
+from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.plotting import plot_precision
+from dyqvla_ros.sim.collect import collect
+
+DEMO_SEED = 100_000  # held out: the shipped policy was trained on seeds below 30000
 
 
 def summarize(recorded: Path, png: Path) -> dict:
@@ -62,9 +65,10 @@ def main(argv: list[str] | None = None) -> None:
 
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
-    print(f"model: {ensure_tiny_openvla()} (embedded tiny OpenVLA)")
-    bag = write_episodes(args.out / "episode", episodes=1, seed=args.seed)
-    print(f"synthetic episode: {bag}")
+    print(f"model: {embedded_policy_path()} (embedded tabletop policy)")
+    bag = args.out / "episode"
+    collect(bag, episodes=2, seed=DEMO_SEED + args.seed)
+    print(f"simulated expert episodes: {bag}")
     params = args.out / "params.yaml"
     params.write_text(
         yaml.safe_dump(

@@ -1,4 +1,8 @@
-"""``dyqvla-profile BAG --out DIR``: profile a recorded episode and calibrate Θ.
+"""``dyqvla-profile BAG... --out DIR``: profile recorded episodes and calibrate Θ.
+
+Each bag may hold several episodes (a message on the instruction topic starts one, as
+``dyqvla-collect`` writes them); the monitor is reset at each episode start and keeps its
+percentile history, as the node does, and the steps of all episodes calibrate together.
 
 Writes, each atomically and only once everything has been computed:
 
@@ -44,11 +48,11 @@ from dyqvla_ros.kinematics import (
     KinematicMonitor,
 )
 from dyqvla_ros.model import CheckpointError, VLAPolicy
+from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
-from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.plotting import plot_profile
 from dyqvla_ros.precision import PrecisionController
-from dyqvla_ros.profiling import QUANTIZED_BITS, StepRecord, control_steps, profile, read_episode
+from dyqvla_ros.profiling import QUANTIZED_BITS, StepRecord, control_steps, profile, read_episodes
 
 
 def model_fingerprint(path: Path) -> str:
@@ -74,13 +78,36 @@ def redispatch(
     return bits, targets
 
 
-def steps_csv(records: list[StepRecord], bits: list[int], b_hats: list[int]) -> str:
+def steps_csv(records: list[StepRecord], episodes: list[int], bits: list[int], b_hats: list[int]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     widths = sorted(records[0].errors)
-    writer.writerow(["t", "M", "J", "M_tilde", "J_tilde", "S", "b_hat", "b_star", *[f"e{b}" for b in widths]])
-    for r, b_star, b_hat in zip(records, bits, b_hats, strict=True):
-        row = [r.t, r.m, r.j, r.m_tilde, r.j_tilde, r.s, b_hat, b_star, *[r.errors[b] for b in widths]]
+    header = [
+        "episode",
+        "t",
+        "M",
+        "J",
+        "M_tilde",
+        "J_tilde",
+        "S",
+        "b_hat",
+        "b_star",
+        *[f"e{b}" for b in widths],
+    ]
+    writer.writerow(header)
+    for r, episode, b_star, b_hat in zip(records, episodes, bits, b_hats, strict=True):
+        row = [
+            episode,
+            r.t,
+            r.m,
+            r.j,
+            r.m_tilde,
+            r.j_tilde,
+            r.s,
+            b_hat,
+            b_star,
+            *[r.errors[b] for b in widths],
+        ]
         writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
     return out.getvalue()
 
@@ -110,9 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("bag", type=Path)
+    parser.add_argument("bags", type=Path, nargs="+", metavar="BAG")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--model", type=Path, help="OpenVLA checkpoint (default: the embedded tiny model)")
+    parser.add_argument("--model", type=Path, help="OpenVLA checkpoint (default: the embedded policy)")
     parser.add_argument("--unnorm-key", help="dataset statistics key")
     parser.add_argument("--rate", type=float, default=5.0, help="control rate of the steps (Hz)")
     parser.add_argument("--d-acc", type=float, default=0.05, help="D_acc of ε_a(S) (normalised action units)")
@@ -134,10 +161,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     try:
-        episode = read_episode(
-            args.bag, args.image_topic, args.pose_topic, args.instruction_topic, args.instruction
-        )
-        model_path = args.model or ensure_tiny_openvla()
+        episodes = [
+            episode
+            for bag in args.bags
+            for episode in read_episodes(
+                bag, args.image_topic, args.pose_topic, args.instruction_topic, args.instruction
+            )
+        ]
+        model_path = args.model or embedded_policy_path()
         policy = VLAPolicy(
             load_quantized_openvla(model_path, args.device), args.unnorm_key, restrict_to_actions=True
         )
@@ -148,8 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     except (BagError, CheckpointError, ValueError) as err:
         parser.exit(2, f"dyqvla-profile: {err}\n")
 
-    steps = control_steps(episode, args.rate)
-    records = profile(policy, controller, tqdm(steps, desc="profiling", unit="step"), episode.instruction)
+    records, episode_of, t_offsets, offset = [], [], [], 0.0
+    progress = tqdm(total=len(episodes), desc="profiling", unit="episode")
+    for index, episode in enumerate(episodes):
+        controller.reset()
+        steps = control_steps(episode, args.rate)
+        records += profile(policy, controller, steps, episode.instruction)
+        episode_of += [index] * len(steps)
+        t_offsets += [offset] * len(steps)  # one time axis for the plot, episodes in a row
+        offset += steps[-1].t + 1.0 / args.rate
+        progress.update(1)
+    progress.close()
     usable = [r for r in records if r.valid]
     s = np.array([r.s for r in usable])
     errors = {b: np.array([r.errors[b] for r in usable]) for b in QUANTIZED_BITS}
@@ -179,24 +219,28 @@ def main(argv: list[str] | None = None) -> None:
             "steps_used": len(usable),
             "model": str(Path(model_path).resolve()),
             "model_sha256": model_fingerprint(Path(model_path)),
-            "bag": str(args.bag.resolve()),
+            "bags": [str(b.resolve()) for b in args.bags],
+            "episodes": len(episodes),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "tool": f"dyqvla-profile {__version__}",
         }
     }
-    t = np.array([r.t for r in records])
+    t = np.array([r.t for r in records]) + np.array(t_offsets)
     all_s = np.array([r.s for r in records])
     all_errors = {b: np.array([r.errors[b] for r in records]) for b in QUANTIZED_BITS}
     write_outputs(
         args.out,
         {
             "calibration.yaml": yaml.safe_dump(calibration, sort_keys=False),
-            "steps.csv": steps_csv(records, bits, b_hats),
+            "steps.csv": steps_csv(records, episode_of, bits, b_hats),
         },
         lambda png: plot_profile(png, t, all_s, np.array(bits), all_errors, thresholds, args.d_acc, args.eta),
     )
     shares = {b: bits.count(b) / len(bits) for b in (2, 4, 8, 16)}
-    print(f"profiled {len(records)} steps ({len(usable)} with a warmed-up monitor) of {args.bag}")
+    print(
+        f"profiled {len(records)} steps ({len(usable)} with a warmed-up monitor) in {len(episodes)} "
+        f"episode(s) of {', '.join(map(str, args.bags))}"
+    )
     print("thresholds: " + ", ".join(f"{k} = {v:.4f}" for k, v in thresholds.items()))
     print("dispatched under them: " + ", ".join(f"{b}-bit {100 * v:.1f} %" for b, v in shares.items()))
     mean_bits = float(np.mean(bits))

@@ -3,7 +3,8 @@
 Starts from the tiny model built from ``--seed`` (or ``--init`` checkpoint), trains on
 the expert steps of ``dyqvla-collect`` bags on the CPU, and writes an OpenVLA-format
 checkpoint (with ``dataset_statistics.json``) every ``--save-every`` steps and at the end.
-``--resume`` continues from DIR's checkpoint and optimizer state.
+``--resume`` continues from DIR's checkpoint and optimizer state; ``--export SHIP`` also
+writes the deployable bf16 copy (how the embedded policy was made).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from dyqvla_ros.bags.store import BagError
 from dyqvla_ros.model import CheckpointError, load_openvla
 from dyqvla_ros.model.tiny import make_tiny_openvla
-from dyqvla_ros.training import STATE_FILE, BehaviourCloning, load_samples
+from dyqvla_ros.training import STATE_FILE, BehaviourCloning, export_bf16, load_samples
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,11 +30,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--init", type=Path, help="starting checkpoint (default: a tiny model from --seed)")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    parser.add_argument("--shift", type=int, default=4, help="random-shift augmentation (pixels)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--action-bins", type=int, default=256, help="action bins of a new tiny model (OpenVLA: 256)"
+    )
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--resume", action="store_true", help="continue from --out")
+    parser.add_argument("--export", type=Path, help="also write a bf16 copy without optimizer state here")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     try:
@@ -44,8 +51,10 @@ def main(argv: list[str] | None = None) -> None:
                     raise CheckpointError(f"--resume: {args.out} has no {STATE_FILE}")
                 start = args.out
             else:
-                start = args.init or make_tiny_openvla(Path(tmp) / "init", seed=args.seed)
-            run = BehaviourCloning(load_openvla(start), samples, args.lr, args.seed)
+                start = args.init or make_tiny_openvla(Path(tmp) / "init", args.seed, args.action_bins)
+            run = BehaviourCloning(
+                load_openvla(start), samples, args.lr, args.seed, args.steps, args.warmup, args.shift
+            )
             if args.resume:
                 run.resume(args.out)
             progress = tqdm(
@@ -53,10 +62,12 @@ def main(argv: list[str] | None = None) -> None:
             )
             for _ in progress:
                 loss = run.train_step(args.batch)
-                progress.set_postfix(loss=f"{loss:.3f}")
+                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{run.learning_rate(run.step):.1e}")
                 if run.step % args.save_every == 0:
                     run.save(args.out)
             run.save(args.out)
+            if args.export:
+                export_bf16(args.out, args.export)
     except (BagError, CheckpointError) as err:
         parser.exit(2, f"dyqvla-train: {err}\n")
     print(f"trained {run.step} steps on {len(samples)} samples -> {args.out}")

@@ -1,0 +1,125 @@
+"""[C] Closed loop: the node's policy/precision stack in the tabletop, evaluation, sensitivity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mujoco", reason="mujoco is not installed")
+
+from test_sim import _renderer_available
+
+from dyqvla_ros.dispatcher import Dispatcher
+from dyqvla_ros.kinematics import KinematicMonitor
+from dyqvla_ros.model import VLAPolicy
+from dyqvla_ros.model.loader import load_quantized_openvla
+from dyqvla_ros.model.tiny import ensure_tiny_openvla
+from dyqvla_ros.precision import PrecisionController
+from dyqvla_ros.sim.env import TabletopEnv
+from dyqvla_ros.sim.evaluation import summarize_mode, table, wilson_interval
+from dyqvla_ros.sim.rollout import ClosedLoop
+from dyqvla_ros.sim.sensitivity import Perturbation, correlations, perturb_episode
+from dyqvla_ros.tools import eval_sim
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    reason = _renderer_available()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    """The random-weight tiny model, W4-quantized as the node loads it."""
+    return VLAPolicy(load_quantized_openvla(ensure_tiny_openvla()), restrict_to_actions=True)
+
+
+def _loop(policy, mode: str, max_steps: int, source: str = "command") -> ClosedLoop:
+    controller = PrecisionController(KinematicMonitor(w_macro=3, w_micro=2), Dispatcher(), mode)
+    return ClosedLoop(TabletopEnv(render_size=32, max_steps=max_steps), policy, controller, source)
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
+    low, high = wilson_interval(10, 10)
+    assert low == pytest.approx(0.7225, abs=1e-4) and high == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
+
+
+def test_summary_and_table_rows():
+    episodes = [
+        {"seed": 1, "success": True, "bits": [16, 16, 2, 4], "latency_s": [0.01, 0.02, 0.01, 0.01]},
+        {"seed": 2, "success": False, "bits": [16, 8], "latency_s": [0.01, 0.03]},
+    ]
+    row = summarize_mode("dynamic", episodes, 1_000_000)
+    assert row["successes"] == 1 and row["success_rate"] == 0.5 and row["failed_seeds"] == [2]
+    assert row["bit_share"] == {"2": 1 / 6, "4": 1 / 6, "8": 1 / 6, "16": 0.5}
+    assert row["mean_bits"] == pytest.approx(62 / 6) and row["below_16"] == pytest.approx(0.5)
+    reference = summarize_mode("16", [{**e, "bits": [16] * len(e["bits"])} for e in episodes], 1_000_000)
+    lines = table([reference, row]).splitlines()
+    assert lines[0].startswith("| precision | success | 95 % CI | rel. to A16")
+    assert lines[2].startswith("| W4A16 | 1/2 (50.0%)") and "16.00" in lines[2]
+    assert lines[3].startswith("| dynamic (DyQ) | 1/2 (50.0%)") and "| 100.0% |" in lines[3]
+
+
+@pytest.mark.parametrize("source", ["command", "ee_pose"])
+def test_closed_loop_runs_the_node_stack(renderer, tiny_policy, source):
+    loop = _loop(tiny_policy, "dynamic", max_steps=8, source=source)
+    result = loop.run(seed=3)
+    assert len(result.steps) == 8 and not result.success
+    assert result.instruction == loop.env.instruction
+    bits = [s.bits for s in result.steps]
+    assert bits[:3] == [16, 16, 16]  # no motion, then the monitor warms up: fail-safe 16
+    assert set(bits) <= {2, 4, 8, 16}
+    assert math.isnan(result.steps[0].motion_fineness)  # step 0 has no motion yet
+    assert all(math.isfinite(s.motion_fineness) for s in result.steps[1:])
+    assert all(s.latency_s > 0 and s.action.shape == (7,) for s in result.steps)
+    fixed = _loop(tiny_policy, "4", max_steps=4).run(seed=3)
+    assert [s.bits for s in fixed.steps] == [4, 4, 4, 4]
+
+
+def test_failed_reference_episodes_are_not_perturbed(renderer, tiny_policy):
+    reference, records = perturb_episode(_loop(tiny_policy, "16", max_steps=3), seed=5, bits=2)
+    assert not reference.success and len(reference.steps) == 3 and records == []
+
+
+def test_correlations_of_log_sensitivity():
+    rng = np.random.default_rng(0)
+    records = []
+    for t in range(60):
+        m, j = rng.uniform(0, 1), rng.uniform(0, 1)
+        s = math.exp(3 * m + rng.normal(0, 0.3))
+        records.append(Perturbation(0, t, m, j, 0.5, 0.5 * s, s, True))
+    records.append(Perturbation(0, 60, 0.5, 0.5, 0.0, math.nan, math.nan, True))  # nothing injected
+    records.append(Perturbation(0, 61, 0.5, 0.5, 0.2, 0.0, 0.0, True))  # ended exactly as the reference
+    records.append(Perturbation(0, 62, math.nan, 0.0, 0.2, 0.1, 0.5, True))  # no monitor state
+    out = correlations(records)
+    assert (out["steps"], out["injected"], out["zero_deviation"], out["usable"]) == (63, 62, 1, 60)
+    assert out["motion_fineness"]["r"] > 0.9 and out["motion_fineness"]["p"] < 1e-6
+    assert abs(out["angular_jerk"]["r"]) < 0.3
+    assert "note" in correlations(records[60:])
+
+
+def test_eval_sim_cli_writes_json_and_table(renderer, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    eval_sim.main(
+        [
+            "--model", str(ensure_tiny_openvla()), "--precision", "16", "2", "--episodes", "2",
+            "--max-steps", "3", "--size", "32", "--out", str(out),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| W4A16 | 0/2 (0.0%)" in printed and "| W4A2 | 0/2 (0.0%)" in printed
+    report = json.loads(out.read_text())
+    assert [r["mode"] for r in report["rows"]] == ["16", "2"]
+    assert report["rows"][1]["bit_share"]["2"] == 1.0 and report["rows"][1]["steps"] == 6
+    assert report["episodes"]["2"][0]["seed"] == eval_sim.DEFAULT_EVAL_SEED
+    with pytest.raises(SystemExit):
+        eval_sim.main(["--episodes", "0"])
