@@ -9,7 +9,7 @@ export AMENT_PREFIX_PATH := $(abspath $(VENV))$(if $(AMENT_PREFIX_PATH),:$(AMENT
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench closed-loop clean
 
 setup: $(VENV)/.pkg-stamp
 
@@ -60,6 +60,20 @@ bench: setup
 	$(BIN)/python bench/model_step.py
 	$(BIN)/python bench/node_step.py
 	$(BIN)/python bench/gpu_suite.py --quick --json out/gpu_suite_quick.json
+
+# The closed-loop benchmark of BENCHMARKS.md (about an hour on 2 cores at 200 episodes):
+# calibrate on 10 held-out expert episodes, then every precision mode on the same seeds,
+# then the step-wise sensitivity analysis. EPISODES=20 gives a quick look.
+EPISODES ?= 200
+WORKERS ?= 2
+CL := out/closed_loop
+closed-loop: setup
+	rm -rf $(CL) && mkdir -p $(CL)
+	$(BIN)/dyqvla-collect $(CL)/calib_bag --episodes 10 --seed 50000
+	$(BIN)/dyqvla-profile $(CL)/calib_bag --rate 10 --out $(CL)/calibration $(CALIB_ARGS)
+	$(BIN)/dyqvla-eval-sim --precision 16 8 4 2 dynamic --episodes $(EPISODES) --seed 100000 \
+	    --workers $(WORKERS) --calibration $(CL)/calibration/calibration.yaml --out $(CL)/eval.json
+	$(BIN)/dyqvla-sensitivity --episodes 8 --seed 100000 --out $(CL)/sensitivity
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -215,6 +215,8 @@ def export_bf16(checkpoint: Path, out: Path) -> None:
     _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     for name in ("config.json", "dataset_statistics.json", "tokenizer.json", "tokenizer_config.json"):
         _atomic(out / name, lambda p, name=name: p.write_bytes((checkpoint / name).read_bytes()))
+    for file in out.iterdir():
+        file.chmod(0o644)  # safetensors writes 0600; a shipped file is world-readable
 
 
 def _resized(image: np.ndarray, size: int) -> torch.Tensor:

@@ -41,10 +41,59 @@ def test_samples_and_statistics(expert_bag):
 def test_loss_decreases_when_fitting_one_sample(expert_bag):
     torch.manual_seed(0)
     samples = load_samples([expert_bag])[:1]
-    run = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, lr=1e-3, seed=0)
+    run = BehaviourCloning(
+        load_openvla(ensure_tiny_openvla()), samples, lr=1e-3, seed=0, total_steps=20, shift=0
+    )
     losses = [run.train_step(1) for _ in range(20)]
     assert np.isfinite(losses).all()
-    assert losses[-1] < 0.85 * losses[0]  # measured 10.6 -> 7.6
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def test_batched_loss_equals_the_mean_of_single_sample_losses(expert_bag):
+    """Right padding never leaks into the action positions: a batch of prompts of different
+    lengths gives the mean of each sample's own loss."""
+    samples = load_samples([expert_bag])
+    samples[1].instruction = "put the green cube on the blue target"  # a longer prompt than [0]
+    run = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples[:2], lr=1e-3, seed=0, shift=0)
+    run.model.eval()
+    with torch.no_grad():
+        batch = run.loss(np.array([0, 1]), augment=False)
+        single = [run.loss(np.array([i]), augment=False) for i in (0, 1)]
+    assert len(run.prompts[0]) != len(run.prompts[1])
+    assert float(batch) == pytest.approx(float(sum(single)) / 2, rel=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth(expert_bag):
+    run = BehaviourCloning(
+        load_openvla(ensure_tiny_openvla()),
+        load_samples([expert_bag])[:1],
+        1e-3,
+        0,
+        total_steps=100,
+        warmup=10,
+    )
+    assert run.learning_rate(0) == pytest.approx(1e-4)
+    assert run.learning_rate(9) == pytest.approx(1e-3)
+    assert run.learning_rate(10) == pytest.approx(1e-3)
+    assert run.learning_rate(55) == pytest.approx(0.55e-3)
+    assert run.learning_rate(100) == pytest.approx(1e-4)
+
+
+def test_random_shift_moves_frames_within_bounds(expert_bag):
+    run = BehaviourCloning(
+        load_openvla(ensure_tiny_openvla()), load_samples([expert_bag])[:4], 1e-3, 0, shift=4
+    )
+    frames = run.frames[:4]
+    shifted = run._augment(frames)
+    assert shifted.shape == frames.shape and shifted.dtype == torch.uint8
+    assert not torch.equal(shifted, frames)
+    # interior pixels are the originals moved by at most 4 px: some offset reproduces them
+    inner = frames[0, 8:-8, 8:-8]
+    assert any(
+        torch.equal(shifted[0, 8 + dy : 8 + dy + inner.shape[0], 8 + dx : 8 + dx + inner.shape[1]], inner)
+        for dy in range(-4, 5)
+        for dx in range(-4, 5)
+    )
 
 
 def test_train_saves_a_loadable_checkpoint_and_resumes(expert_bag, tmp_path):

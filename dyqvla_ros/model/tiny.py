@@ -1,7 +1,7 @@
 """``dyqvla-make-tiny OUT``: a tiny OpenVLA with the real architecture, built offline.
 
 Same parameter names, config.json fields and checkpoint files as ``openvla/openvla-7b``;
-only the sizes differ (3-layer Llama of width 64, 4-block ViTs of width 48 with 8 px
+only the sizes differ (3-layer Llama of width 64, 4-block ViTs of width 64 with 16 px
 patches at 128 px), set through ``image_sizes``, ``dyqvla_timm_overrides`` and
 ``text_config``. The vocabulary has the real
 layout: 32000 text tokens (``<unk>``, ``<s>``, ``</s>``, 256 byte-fallback tokens,
@@ -33,8 +33,10 @@ from dyqvla_ros.model.processing import EMPTY_TOKEN_ID
 TEXT_VOCAB = 32000
 PADDED_VOCAB = 32064
 TINY_UNNORM_KEY = "dyqvla_tiny"
-# 128 px in 8 px patches: the 16 x 16 = 256 patch tokens of OpenVLA's 224 px / 14 px
-# backbones, at the resolution the tabletop camera records.
+# 128 px (what the tabletop camera records) in 16 px patches: 8 x 8 = 64 patch tokens.
+# With 8 px patches (256 tokens, as OpenVLA's 224 px / 14 px) behaviour cloning barely
+# used the image after 1000 steps: the loss with images shuffled across the batch was
+# only 0.08 nats above the loss with the right ones; fewer, richer tokens train faster.
 TINY_IMAGE_SIZE = 128
 # Action statistics of the tiny model: 7-D deltas (m, rad) and a gripper in [0, 1].
 TINY_ACTION_STATS = {
@@ -79,8 +81,8 @@ def tiny_config_dict(seed: int, n_action_bins: int = 256) -> dict:
             "torch_dtype": "bfloat16",
         },
         "dyqvla_timm_overrides": [
-            {"embed_dim": 48, "depth": 4, "num_heads": 3, "patch_size": 8},
-            {"embed_dim": 48, "depth": 4, "num_heads": 3, "patch_size": 8},
+            {"embed_dim": 64, "depth": 4, "num_heads": 4, "patch_size": 16},
+            {"embed_dim": 64, "depth": 4, "num_heads": 4, "patch_size": 16},
         ],
         "dyqvla_tiny_seed": seed,
     }
