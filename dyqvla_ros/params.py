@@ -41,9 +41,7 @@ def _p(default: Any, description: str, name: str | None = None) -> Any:
 
 @dataclass
 class PolicyParams:
-    model_path: str = _p(
-        "", "OpenVLA checkpoint directory; empty: the embedded tabletop policy"
-    )
+    model_path: str = _p("", "OpenVLA checkpoint directory; empty: the embedded tabletop policy")
     unnorm_key: str = _p("", "dataset statistics used to un-normalise actions; empty if the model has one")
     instruction: str = _p("", "initial language instruction; the 'instruction' topic replaces it")
     device: str = _p("auto", "auto, cpu or cuda")

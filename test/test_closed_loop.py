@@ -15,6 +15,7 @@ from test_sim import _renderer_available
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.kinematics import KinematicMonitor
 from dyqvla_ros.model import VLAPolicy
+from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
 from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.precision import PrecisionController
@@ -123,3 +124,36 @@ def test_eval_sim_cli_writes_json_and_table(renderer, tmp_path, capsys):
     assert report["episodes"]["2"][0]["seed"] == eval_sim.DEFAULT_EVAL_SEED
     with pytest.raises(SystemExit):
         eval_sim.main(["--episodes", "0"])
+
+
+def test_sensitivity_cli_reports_what_it_could_measure(renderer, tmp_path, capsys):
+    from dyqvla_ros.tools import sensitivity
+
+    out = tmp_path / "sens"
+    sensitivity.main(
+        [
+            "--model",
+            str(ensure_tiny_openvla()),
+            "--seeds",
+            "7",
+            "--max-steps",
+            "2",
+            "--size",
+            "32",
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "0/1 A16 reference episodes succeeded" in printed and "no correlation" in printed
+    report = json.loads((out / "sensitivity.json").read_text())
+    assert report["references"] == [{"seed": 7, "success": False, "steps": 2}] and report["steps"] == []
+    assert sorted(p.name for p in out.iterdir()) == ["sensitivity.json"]  # no empty CSV or plot
+
+
+def test_eval_sim_defaults_to_the_embedded_policy(renderer, tmp_path):
+    out = tmp_path / "eval.json"
+    eval_sim.main(["--precision", "dynamic", "--episodes", "1", "--max-steps", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["model"] == str(embedded_policy_path()) and report["kinematic_source"] == "ee_pose"
+    assert report["rows"][0]["steps"] == 2

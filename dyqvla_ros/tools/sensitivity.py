@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--episodes", type=int, default=8, help="reference episodes to try")
     parser.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, help="first episode seed")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="these episode seeds instead (e.g. A16 successes of dyqvla-eval-sim)",
+    )
     parser.add_argument("--bits", type=int, choices=(2, 4, 8), default=4, help="width of the injected action")
     parser.add_argument("--stride", type=int, default=1, help="perturb every STRIDE-th step")
     parser.add_argument("--model", type=Path, help="OpenVLA checkpoint (default: the embedded policy)")
@@ -53,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"dyqvla-sensitivity: {err}\n")
 
     perturbations, references = [], []
-    for seed in tqdm(range(args.seed, args.seed + args.episodes), desc="episodes", unit="episode"):
+    seeds = args.seeds or range(args.seed, args.seed + args.episodes)
+    for seed in tqdm(seeds, desc="episodes", unit="episode"):
         reference, episode = perturb_episode(loop, seed, args.bits, args.stride)
         references.append({"seed": seed, "success": reference.success, "steps": len(reference.steps)})
         perturbations += episode
@@ -89,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"Pearson r({label}, log s_t) = {summary[key]['r']:.3f} (p = {summary[key]['p']:.2g})")
     if "note" in summary:
         print(summary["note"])
-    print(f"wrote {args.out}/sensitivity.json, sensitivity.csv, sensitivity.png")
+    written = ["sensitivity.json"] + (["sensitivity.csv", "sensitivity.png"] if records else [])
+    print(f"wrote {', '.join(f'{args.out}/{name}' for name in written)}")
     sys.stdout.flush()
 
 
