@@ -30,6 +30,7 @@ from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.plotting import plot_precision
 from dyqvla_ros.sim.collect import collect
 
+NODE_EXIT_S = 45.0  # the node's own shutdown waits up to 10 s (executor) + 30 s (worker)
 DEMO_SEED = 100_000  # held out: the shipped policy was trained on seeds below 30000
 
 
@@ -98,7 +99,16 @@ def main(argv: list[str] | None = None) -> None:
                 recorder.close()
         finally:
             node.send_signal(2)
-            node.wait(timeout=30)
+            try:
+                node.wait(timeout=NODE_EXIT_S)
+            except subprocess.TimeoutExpired:
+                # Seen once in CI under load; the recording is complete, so say it and go on.
+                node.kill()
+                node.wait()
+                print(
+                    f"warning: policy_node did not exit within {NODE_EXIT_S:.0f} s of SIGINT and was "
+                    f"killed; see {args.out / 'policy_node.log'}"
+                )
     summary = summarize(args.out / "recorded", args.out / "precision.png")
     shares = ", ".join(f"{b}-bit {100 * v:.1f} %" for b, v in summary["share"].items())
     p50, p99 = summary["latency_ms"]
