@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -460,6 +461,11 @@ def main(args: list[str] | None = None) -> None:
     finishes the callbacks in flight before the context goes away (no publish on a
     dead context at shutdown).
     """
+    # SIGINT is set explicitly: a process started in the background by a shell (`cmd &`,
+    # nohup) inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt --
+    # a demo run that way left its node running. SIGTERM (launch's escalation) stops too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO):
         try:
             node = PolicyNode()
