@@ -37,7 +37,6 @@ class StepLog:
     action: np.ndarray  # the un-normalised action sent to the environment
     motion_fineness: float  # M_t (NaN when the step had no usable motion)
     angular_jerk: float  # J_t (NaN likewise)
-    ee_position: np.ndarray  # hand position before the step
 
 
 @dataclass
@@ -75,17 +74,15 @@ class ClosedLoop:
         self._poses.step(obs.ee_position, obs.ee_quaternion)
         return obs
 
-    def step(
-        self, obs: Observation, motion: Motion | None, bits: int | None = None
-    ) -> tuple[StepLog, Motion | None]:
-        """Decide, decode and act once; ``bits`` overrides the controller's b*_t.
+    def step(self, obs: Observation, motion: Motion | None) -> tuple[StepLog, np.ndarray]:
+        """Prefill, decide b*_t from ``motion``, decode: the step's log and the action to send.
 
-        Returns the step's log and the motion the monitor sees at the next step.
+        The prefill stays in ``last_prefill``, so a caller can decode it at other widths.
         """
         start = time.perf_counter()
         state = self.last_prefill = self.policy.prefill(obs.image, obs.instruction)
         decision = self.controller.decide(motion)
-        out = self.policy.decode(state, decision.bits if bits is None else bits)
+        out = self.policy.decode(state, decision.bits)
         latency = time.perf_counter() - start
         last = self.controller.monitor.last if decision.motion_valid else None
         log = StepLog(
@@ -95,7 +92,6 @@ class ClosedLoop:
             action=out.action,
             motion_fineness=last.motion_fineness if last else math.nan,
             angular_jerk=last.angular_jerk if last else math.nan,
-            ee_position=obs.ee_position,
         )
         return log, out.action
 
