@@ -28,6 +28,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
+from dyqvla_ros.dispatcher import Dispatcher
+from dyqvla_ros.kinematics import KinematicMonitor
+from dyqvla_ros.precision import PrecisionController
 from dyqvla_ros.sim.rollout import ClosedLoop, EpisodeResult
 
 
@@ -67,17 +70,25 @@ def perturb_episode(
     if not reference.success:
         return reference, []
 
+    # Continuations get their own A16 controller: the reference's monitor history (its
+    # percentile normalisers, hence M_t and J_t of later episodes) must not see them.
+    continuation = ClosedLoop(
+        loop.env,
+        loop.policy,
+        PrecisionController(KinematicMonitor(), Dispatcher(), "16"),
+        loop.kinematic_source,
+    )
     records = []
     for t in range(0, len(reference.steps), stride):
         log = reference.steps[t]
         error = float(np.linalg.norm(injected[t].normalized - log.normalized))
         deviation, success = math.nan, True
         if error > 0.0:
-            obs = loop.env.restore(snapshots[t])
+            loop.env.restore(snapshots[t])
             obs, done, success = loop.env.step(injected[t].action)
             if not done:
-                loop.controller.monitor.reset()  # fixed-mode 16: the monitor only observes
-                finished = loop.finish(EpisodeResult(seed, obs.instruction, False), obs, None)
+                continuation.controller.reset()
+                finished = continuation.finish(EpisodeResult(seed, obs.instruction, False), obs, None)
                 success, final = finished.success, finished.final_ee
             else:
                 final = obs.ee_position
