@@ -45,7 +45,16 @@ from dyqvla_ros.sim.rollout import SIM_KINEMATIC_SOURCES, ClosedLoop
 DEFAULT_EVAL_SEED = 100_000
 
 
-def add_env_arguments(parser: argparse.ArgumentParser) -> None:
+def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``build_loop`` shared by dyqvla-eval-sim and dyqvla-sensitivity."""
+    parser.add_argument("--model", type=Path, help="OpenVLA checkpoint (default: the embedded policy)")
+    parser.add_argument("--unnorm-key", help="dataset statistics key")
+    parser.add_argument(
+        "--kinematic-source",
+        choices=SIM_KINEMATIC_SOURCES,
+        default="ee_pose",
+        help="motion for the monitor (default ee_pose: what dyqvla-profile calibrates from in bags)",
+    )
     parser.add_argument("--size", type=int, default=128, help="camera image side (pixels)")
     parser.add_argument("--max-steps", type=int, default=60, help="step limit of an episode (10 Hz)")
 
@@ -103,16 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", nargs="+", default=list(PRECISION_MODES), choices=PRECISION_MODES)
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, help="first episode seed")
-    parser.add_argument("--model", type=Path, help="OpenVLA checkpoint (default: the embedded policy)")
-    parser.add_argument("--unnorm-key", help="dataset statistics key")
     parser.add_argument("--calibration", type=Path, help="calibration.yaml from dyqvla-profile (dynamic)")
-    parser.add_argument(
-        "--kinematic-source",
-        choices=SIM_KINEMATIC_SOURCES,
-        default="ee_pose",
-        help="motion for the monitor (default ee_pose: what dyqvla-profile calibrates from in bags)",
-    )
-    add_env_arguments(parser)
+    add_loop_arguments(parser)
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
     parser.add_argument(
         "--full-vocabulary",

@@ -20,9 +20,8 @@ from tqdm import tqdm
 
 from dyqvla_ros.model import CheckpointError
 from dyqvla_ros.plotting import plot_sensitivity
-from dyqvla_ros.sim.rollout import SIM_KINEMATIC_SOURCES
 from dyqvla_ros.sim.sensitivity import correlations, perturb_episode
-from dyqvla_ros.tools.eval_sim import DEFAULT_EVAL_SEED, add_env_arguments, build_loop
+from dyqvla_ros.tools.eval_sim import DEFAULT_EVAL_SEED, add_loop_arguments, build_loop
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,15 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--bits", type=int, choices=(2, 4, 8), default=4, help="width of the injected action")
     parser.add_argument("--stride", type=int, default=1, help="perturb every STRIDE-th step")
-    parser.add_argument("--model", type=Path, help="OpenVLA checkpoint (default: the embedded policy)")
-    parser.add_argument("--unnorm-key", help="dataset statistics key")
-    parser.add_argument(
-        "--kinematic-source",
-        choices=SIM_KINEMATIC_SOURCES,
-        default="ee_pose",
-        help="motion for the monitor (default ee_pose: what dyqvla-profile calibrates from in bags)",
-    )
-    add_env_arguments(parser)
+    add_loop_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("out/sensitivity"))
     args = parser.parse_args(argv)
     if min(args.episodes, args.stride, args.max_steps) < 1:
