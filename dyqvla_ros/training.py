@@ -6,6 +6,19 @@ kept as is), tokenized exactly as OpenVLA does, and the model is trained with
 cross-entropy on the 7 action tokens that follow the prompt (teacher forcing), the
 objective OpenVLA was fine-tuned with.
 
+The softmax of that cross-entropy runs over the action tokens only, the vocabulary the
+node and the evaluation decode over (``restrict_to_actions``, their default): the same
+greedy choice, without a 32,064-way softmax per token.
+
+Auxiliary supervision (``aux_weight`` > 0, bags with ``/sim_state``): two linear readouts,
+used only in training and never saved into the checkpoint, ask (1) the projected patch
+tokens for every cube's and target zone's position relative to the hand and (2) the
+language model's state before the first action token for the instructed cube's and
+target's relative position, the grasp yaw error and the expert's phase. Behaviour cloning
+alone grounds the image slowly (measured: 0/50 closed-loop successes after 5000 steps,
+the policy picking wrong objects and phases); these targets say directly what the image
+and the instruction must yield.
+
 The checkpoint is written in the OpenVLA format (``load_openvla`` reads it) with fp32
 weights, plus ``training_state.safetensors`` (optimizer moments, step; no pickle) so a
 run can be resumed.
@@ -27,11 +40,18 @@ from safetensors.torch import save_file
 from dyqvla_ros.bags.store import BagError, deserialize, iter_messages, typestore
 from dyqvla_ros.image_conversion import image_to_rgb
 from dyqvla_ros.model.action_tokenizer import ActionStats, ActionTokenizer
-from dyqvla_ros.model.loader import LoadedOpenVLA
+from dyqvla_ros.model.loader import CheckpointError, LoadedOpenVLA
 from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
+from dyqvla_ros.sim.expert import PHASES, STATE_FIELDS
 
 UNNORM_KEY = "dyqvla_sim"
 STATE_FILE = "training_state.safetensors"
+AUX_FILE = "auxiliary_heads.safetensors"
+# /sim_state columns: the instruction-dependent ones (after the phase) and the scene.
+N_TASK = STATE_FIELDS.index("yaw_error")
+N_SCENE = len(STATE_FIELDS) - N_TASK - 1
+# Metres to decimetres and radians to ~quarter turns: auxiliary targets of order one.
+AUX_SCALE = np.array([10.0] * (N_TASK - 1) + [2.5] + [10.0] * N_SCENE, dtype=np.float32)
 
 
 @dataclass
@@ -39,27 +59,37 @@ class Sample:
     image: np.ndarray
     instruction: str
     action: np.ndarray  # (7,)
+    state: np.ndarray | None = None  # STATE_FIELDS of that step, if the bag has /sim_state
 
 
 def load_samples(bags: list[Path]) -> list[Sample]:
-    """Frame + instruction + expert action of every step in ``dyqvla-collect`` bags."""
+    """Frame + instruction + expert action (+ simulator state) of every step in
+    ``dyqvla-collect`` bags; messages of one step share a timestamp."""
     store = typestore()
     samples = []
+    layout = ",".join(STATE_FIELDS)
     for bag in bags:
         frames: dict[int, np.ndarray] = {}
+        labels: dict[int, tuple[str, np.ndarray]] = {}
+        states: dict[int, np.ndarray] = {}
         instruction = None
-        for message in iter_messages(bag, ["/image", "/instruction", "/expert_action"]):
-            msg = deserialize(store, message)
+        for message in iter_messages(bag, ["/image", "/instruction", "/expert_action", "/sim_state"]):
+            msg, ns = deserialize(store, message), message.timestamp_ns
             if message.topic == "/instruction":
                 instruction = msg.data
             elif message.topic == "/image":
-                frames[message.timestamp_ns] = image_to_rgb(
-                    msg.encoding, msg.height, msg.width, msg.step, msg.data.tobytes()
-                )
-            elif message.timestamp_ns in frames and instruction:
-                samples.append(
-                    Sample(frames.pop(message.timestamp_ns), instruction, np.asarray(msg.data, float))
-                )
+                frames[ns] = image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data.tobytes())
+            elif message.topic == "/expert_action":
+                if instruction:
+                    labels[ns] = (instruction, np.asarray(msg.data, float))
+            else:
+                label = msg.layout.dim[0].label if msg.layout.dim else ""
+                if label != layout:
+                    raise BagError(f"{bag}: /sim_state fields {label!r} are not this version's {layout!r}")
+                states[ns] = np.asarray(msg.data, np.float32)
+        for ns, (text, action) in labels.items():
+            if ns in frames:
+                samples.append(Sample(frames.pop(ns), text, action, states.get(ns)))
     if not samples:
         raise BagError(f"no (image, instruction, /expert_action) samples in {[str(b) for b in bags]}")
     return samples
@@ -77,6 +107,26 @@ def action_statistics(actions: np.ndarray) -> dict:
         "min": actions.min(axis=0).tolist(),
         "max": actions.max(axis=0).tolist(),
     }
+
+
+class AuxiliaryHeads(torch.nn.Module):
+    """Training-only linear readouts (see the module docstring); not part of the policy."""
+
+    def __init__(self, n_patches: int, width: int) -> None:
+        super().__init__()
+        self.scene = torch.nn.Linear(n_patches * width, N_SCENE)
+        self.task = torch.nn.Linear(width, N_TASK + len(PHASES))
+
+    def loss(self, patches: torch.Tensor, before_action: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the scaled positions + cross-entropy of the phase."""
+        scaled = state[:, 1:] * torch.from_numpy(AUX_SCALE)
+        task = self.task(before_action.float())
+        scene = self.scene(patches.float().flatten(1))
+        return (
+            F.mse_loss(scene, scaled[:, N_TASK:])
+            + F.mse_loss(task[:, :N_TASK], scaled[:, :N_TASK])
+            + F.cross_entropy(task[:, N_TASK:], state[:, 0].long())
+        )
 
 
 class BehaviourCloning:
@@ -104,6 +154,7 @@ class BehaviourCloning:
         total_steps: int = 1,
         warmup: int = 0,
         shift: int = 4,
+        aux_weight: float = 0.0,
     ) -> None:
         self.loaded, self.model = loaded, loaded.model
         actions = np.stack([s.action for s in samples])
@@ -117,7 +168,19 @@ class BehaviourCloning:
         self.prompts = [prompts[s.instruction] for s in samples]
         self.n_samples = len(samples)
         self.lr, self.total_steps, self.warmup, self.shift = lr, max(total_steps, 1), warmup, shift
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.01)
+        self.aux_weight, self.aux, self.states = aux_weight, None, None
+        parameters = list(self.model.parameters())
+        if aux_weight > 0:
+            if any(s.state is None for s in samples):
+                raise BagError("auxiliary targets need /sim_state in every bag (dyqvla-collect writes it)")
+            self.states = torch.from_numpy(np.stack([s.state for s in samples]))
+            width = self.model.language_model.config.hidden_size
+            n_patches = self.model.vision_backbone.featurizers[0].patch_embed.num_patches
+            self.aux = AuxiliaryHeads(n_patches, width)
+            parameters += list(self.aux.parameters())
+        self.optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+        ids = self.tokenizer.token_ids
+        self.first_action_id, self.n_action_ids = ids.start, len(ids)
         self.seed, self.step = seed, 0
         self.rng = np.random.default_rng([seed, 0])
 
@@ -140,6 +203,10 @@ class BehaviourCloning:
 
     def loss(self, indices: np.ndarray, augment: bool = True) -> torch.Tensor:
         """Mean cross-entropy of the 7 action tokens after the prompt of each sample."""
+        return self.losses(indices, augment)[0]
+
+    def losses(self, indices: np.ndarray, augment: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(action cross-entropy, auxiliary loss or None) of one batch, one forward pass."""
         frames = self.frames[indices]
         pixels = self.preprocess.batch(self._augment(frames) if augment else frames)
         targets = self.targets[indices]
@@ -155,20 +222,26 @@ class BehaviourCloning:
         ends = torch.tensor([len(q) for q in sequences]) + n_patches  # real length of each row
         positions = ends[:, None] - n_actions + torch.arange(n_actions)[None]
         picked = hidden[torch.arange(len(indices))[:, None], positions]
-        logits = self.model.language_model.lm_head(picked).float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        start, n = self.first_action_id, self.n_action_ids
+        logits = F.linear(picked, self.model.language_model.lm_head.weight[start : start + n]).float()
+        action_loss = F.cross_entropy(logits.reshape(-1, n), (targets - start).reshape(-1))
+        if self.aux is None:
+            return action_loss, None
+        patches = embeds[:, 1 : 1 + n_patches]
+        return action_loss, self.aux.loss(patches, picked[:, 0], self.states[indices])
 
     def train_step(self, batch: int) -> float:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(self.rng.integers(0, self.n_samples, batch))
+        action_loss, aux_loss = self.losses(self.rng.integers(0, self.n_samples, batch))
+        loss = action_loss if aux_loss is None else action_loss + self.aux_weight * aux_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], 1.0)
         self.optimizer.step()
         self.step += 1
-        return float(loss.detach())
+        return float(action_loss.detach()), None if aux_loss is None else float(aux_loss.detach())
 
     def save(self, out: Path) -> None:
         """OpenVLA-format checkpoint (fp32) + optimizer state, each file replaced atomically."""
@@ -181,8 +254,11 @@ class BehaviourCloning:
         config = {**json.loads((source / "config.json").read_text()), "norm_stats": norm_stats}
         _atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
         _atomic(out / "dataset_statistics.json", lambda p: p.write_text(json.dumps(norm_stats, indent=2)))
+        if self.aux is not None:
+            heads = {k: v.detach().contiguous() for k, v in self.aux.state_dict().items()}
+            _atomic(out / AUX_FILE, lambda p: save_file(heads, str(p)))
         moments, opt_steps = {}, {}
-        for name, p in self.model.named_parameters():
+        for name, p in self._named_parameters().items():
             for key, value in self.optimizer.state.get(p, {}).items():
                 if key == "step":
                     opt_steps[name] = float(value)
@@ -191,9 +267,20 @@ class BehaviourCloning:
         meta = {"step": str(self.step), "opt_step": json.dumps(opt_steps)}
         _atomic(out / STATE_FILE, lambda p: save_file(moments, str(p), metadata=meta))
 
+    def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        named = dict(self.model.named_parameters())
+        if self.aux is not None:
+            named |= {f"auxiliary.{k}": v for k, v in self.aux.named_parameters()}
+        return named
+
     def resume(self, out: Path) -> None:
-        """Restore optimizer moments and the step count written by ``save``."""
-        names = dict(self.model.named_parameters())
+        """Restore optimizer moments, auxiliary heads and the step count written by ``save``."""
+        if self.aux is not None:
+            if not (out / AUX_FILE).is_file():
+                raise CheckpointError(f"--resume with auxiliary targets: {out} has no {AUX_FILE}")
+            with safe_open(str(out / AUX_FILE), framework="pt") as f:
+                self.aux.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+        names = self._named_parameters()
         with safe_open(str(out / STATE_FILE), framework="pt") as f:
             meta = f.metadata()
             opt_steps = json.loads(meta["opt_step"])

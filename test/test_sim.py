@@ -13,7 +13,15 @@ from dyqvla_ros.bags.store import deserialize, iter_messages, typestore  # noqa:
 from dyqvla_ros.profiling import control_steps, read_episodes  # noqa: E402
 from dyqvla_ros.sim.collect import collect  # noqa: E402
 from dyqvla_ros.sim.env import TabletopEnv  # noqa: E402
-from dyqvla_ros.sim.expert import COARSE_STEP, FINE_STEP, ScriptedExpert, run_episode  # noqa: E402
+from dyqvla_ros.sim.expert import (  # noqa: E402
+    COARSE_STEP,
+    FINE_STEP,
+    PHASES,
+    STATE_FIELDS,
+    ScriptedExpert,
+    privileged_state,
+    run_episode,
+)
 
 
 def test_expert_succeeds_on_randomised_episodes():
@@ -78,7 +86,7 @@ def test_collect_writes_the_node_topics_and_expert_actions(tmp_path):
     assert summary["successes"] == 2
     counts = Counter(m.topic for m in iter_messages(bag))
     assert counts["/instruction"] == 2
-    assert counts["/expert_action"] == summary["steps"]
+    assert counts["/expert_action"] == counts["/sim_state"] == summary["steps"]
     assert counts["/image"] == counts["/ee_pose"] == counts["/joint_states"] == summary["steps"] + 2
     store = typestore()
     action = deserialize(store, next(iter_messages(bag, ["/expert_action"])))
@@ -92,6 +100,28 @@ def test_collect_writes_the_node_topics_and_expert_actions(tmp_path):
     # each episode: its steps plus the final observation, and nothing of the other
     assert sum(len(control_steps(e, 10.0)) for e in episodes) == summary["steps"] + 2
     assert sum(len(e.frames) for e in episodes) == counts["/image"]
+
+
+def test_privileged_state_names_the_instructed_objects_and_the_phase():
+    env, expert = TabletopEnv(render_size=0), ScriptedExpert()
+    env.reset(4)
+    fields = {name: i for i, name in enumerate(STATE_FIELDS)}
+    cube, target = env.task
+    phases = []
+    done = False
+    while not done:
+        state = privileged_state(env, expert.phase)
+        for axis in "xyz":
+            assert state[fields[f"cube_d{axis}"]] == state[fields[f"{cube}_cube_d{axis}"]]
+        for axis in "xy":
+            assert state[fields[f"target_d{axis}"]] == state[fields[f"{target}_target_d{axis}"]]
+        assert abs(state[fields["yaw_error"]]) <= np.pi / 4
+        phases.append(PHASES[int(state[0])])
+        _, done, _ = env.step(expert.act(env))
+    assert phases[0] == "above_cube" and phases[-1] == "release"
+    assert phases == sorted(phases, key=PHASES.index)  # the phases in order, none skipped back
+    ee, _ = env.ee_pose()
+    np.testing.assert_allclose(privileged_state(env, "retreat")[1:4], env.cube_pose(cube)[0] - ee)
 
 
 def test_collect_noise_keeps_clean_labels(tmp_path):

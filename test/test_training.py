@@ -16,7 +16,16 @@ from dyqvla_ros.model import VLAPolicy, load_openvla
 from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.sim.collect import collect
 from dyqvla_ros.tools import train
-from dyqvla_ros.training import STATE_FILE, UNNORM_KEY, BehaviourCloning, action_statistics, load_samples
+from dyqvla_ros.bags.store import BagError
+from dyqvla_ros.sim.expert import STATE_FIELDS
+from dyqvla_ros.training import (
+    AUX_FILE,
+    STATE_FILE,
+    UNNORM_KEY,
+    BehaviourCloning,
+    action_statistics,
+    load_samples,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +45,20 @@ def test_samples_and_statistics(expert_bag):
     stats = action_statistics(np.stack([s.action for s in samples]))
     assert stats["mask"] == [True] * 6 + [False]
     assert all(lo <= hi for lo, hi in zip(stats["q01"], stats["q99"], strict=True))
+    assert all(s.state.shape == (len(STATE_FIELDS),) for s in samples)
+
+
+def test_auxiliary_targets_are_learned_and_need_sim_state(expert_bag):
+    torch.manual_seed(0)
+    samples = load_samples([expert_bag])[:8]
+    run = BehaviourCloning(
+        load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, total_steps=30, shift=0, aux_weight=1.0
+    )
+    aux = [run.train_step(8)[1] for _ in range(30)]
+    assert aux[-1] < 0.5 * aux[0]
+    samples[0].state = None
+    with pytest.raises(BagError, match="/sim_state"):
+        BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, aux_weight=1.0)
 
 
 def test_loss_decreases_when_fitting_one_sample(expert_bag):
@@ -44,7 +67,7 @@ def test_loss_decreases_when_fitting_one_sample(expert_bag):
     run = BehaviourCloning(
         load_openvla(ensure_tiny_openvla()), samples, lr=1e-3, seed=0, total_steps=20, shift=0
     )
-    losses = [run.train_step(1) for _ in range(20)]
+    losses = [run.train_step(1)[0] for _ in range(20)]
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.85 * losses[0]
 
@@ -98,7 +121,9 @@ def test_random_shift_moves_frames_within_bounds(expert_bag):
 
 def test_train_saves_a_loadable_checkpoint_and_resumes(expert_bag, tmp_path):
     out = tmp_path / "policy"
-    train.main([str(expert_bag), "--out", str(out), "--steps", "2", "--batch", "1", "--save-every", "1"])
+    common = ["--batch", "1", "--aux-weight", "0.5"]
+    train.main([str(expert_bag), "--out", str(out), "--steps", "2", "--save-every", "1", *common])
+    assert (out / AUX_FILE).is_file()
     stats = json.loads((out / "dataset_statistics.json").read_text())
     assert list(stats) == [UNNORM_KEY]
     policy = VLAPolicy(load_openvla(out), restrict_to_actions=True)
@@ -106,7 +131,7 @@ def test_train_saves_a_loadable_checkpoint_and_resumes(expert_bag, tmp_path):
     assert np.isfinite(
         policy.predict(np.zeros((64, 64, 3), np.uint8), "put the red cube on the blue target").action
     ).all()
-    train.main([str(expert_bag), "--out", str(out), "--steps", "3", "--batch", "1", "--resume"])
+    train.main([str(expert_bag), "--out", str(out), "--steps", "3", "--resume", *common])
     from safetensors import safe_open
 
     with safe_open(str(out / STATE_FILE), framework="pt") as f:

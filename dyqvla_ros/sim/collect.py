@@ -9,6 +9,10 @@ behaviour cloning can read them:
     /joint_states   sensor_msgs/JointState     the two finger slides (m), 10 Hz
     /instruction    std_msgs/String            at each episode start, transient local
     /expert_action  std_msgs/Float32MultiArray the expert's 7-D action at that step
+    /sim_state      std_msgs/Float32MultiArray what the expert saw at that step (its phase,
+                    object positions relative to the hand; ``STATE_FIELDS``, named in the
+                    layout's dimension label): auxiliary targets for training, never an
+                    input of the policy
 
 ``--noise SIGMA`` executes the expert's action plus gaussian noise (SIGMA m on each of
 Δxyz, 10·SIGMA rad on Δyaw) while recording the clean expert action as the label (DART,
@@ -27,7 +31,7 @@ from rosbags.rosbag2 import Writer
 from dyqvla_ros.bags.store import STORAGES, ros_time, typestore
 from dyqvla_ros.bags.synthetic import LATCHED_QOS, RELIABLE_QOS, START_NS
 from dyqvla_ros.sim.env import CONTROL_HZ, Observation, TabletopEnv
-from dyqvla_ros.sim.expert import ScriptedExpert
+from dyqvla_ros.sim.expert import STATE_FIELDS, ScriptedExpert, privileged_state
 
 
 class _BagOut:
@@ -46,6 +50,7 @@ class _BagOut:
         self.joints = add("/joint_states", "sensor_msgs/msg/JointState")
         self.instruction = add("/instruction", "std_msgs/msg/String", LATCHED_QOS)
         self.action = add("/expert_action", "std_msgs/msg/Float32MultiArray")
+        self.state = add("/sim_state", "std_msgs/msg/Float32MultiArray")
 
     def _write(self, connection, ns: int, msg) -> None:
         self.writer.write(connection, ns, self.store.serialize_cdr(msg, msg.__msgtype__))
@@ -81,14 +86,18 @@ class _BagOut:
     def instruction_text(self, ns: int, text: str) -> None:
         self._write(self.instruction, ns, self.T["std_msgs/msg/String"](data=text))
 
-    def expert_action(self, ns: int, action: np.ndarray) -> None:
+    def _array(self, connection, ns: int, values: np.ndarray, label: str = "") -> None:
         t = self.T
-        layout = t["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0)
-        self._write(
-            self.action,
-            ns,
-            t["std_msgs/msg/Float32MultiArray"](layout=layout, data=action.astype(np.float32)),
-        )
+        dims = [t["std_msgs/msg/MultiArrayDimension"](label=label, size=len(values), stride=len(values))]
+        layout = t["std_msgs/msg/MultiArrayLayout"](dim=dims if label else [], data_offset=0)
+        msg = t["std_msgs/msg/Float32MultiArray"](layout=layout, data=values.astype(np.float32))
+        self._write(connection, ns, msg)
+
+    def expert_action(self, ns: int, action: np.ndarray) -> None:
+        self._array(self.action, ns, action)
+
+    def sim_state(self, ns: int, state: np.ndarray) -> None:
+        self._array(self.state, ns, state, ",".join(STATE_FIELDS))
 
 
 def collect(
@@ -118,9 +127,11 @@ def collect(
             bag.instruction_text(ns, obs.instruction)
             done = success = False
             while not done:
+                state = privileged_state(env, expert.phase)
                 action = expert.act(env)
                 bag.observation(ns, obs)
                 bag.expert_action(ns, action)
+                bag.sim_state(ns, state)
                 obs, done, success = env.step(action + noise_scale * noise_rng.standard_normal(7))
                 ns += period_ns
                 steps += 1

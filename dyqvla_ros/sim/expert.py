@@ -15,13 +15,20 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from dyqvla_ros.sim.env import TabletopEnv
+from dyqvla_ros.sim.scene import COLORS
 
 COARSE_STEP, FINE_STEP, YAW_STEP = 0.04, 0.01, 0.2
+PHASES = ("above_cube", "descend", "close", "lift", "transport", "lower", "release", "retreat")
 TRAVEL_Z, GRASP_Z, PLACE_Z = 0.12, 0.035, 0.042
 
 
 def _wrap(angle: float) -> float:
     return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+def grasp_yaw_error(cube_yaw: float, hand_yaw: float) -> float:
+    """Yaw (rad) the hand must turn to face the nearest of the cube's 4 faces, in [-pi/4, pi/4)."""
+    return _wrap(4 * (cube_yaw - hand_yaw)) / 4
 
 
 class ScriptedExpert:
@@ -44,7 +51,7 @@ class ScriptedExpert:
         ee, quat = env.ee_pose()
         yaw = Rotation.from_quat(quat).as_euler("xyz")[2]
         # The fingers close along the hand's y axis: any of the cube's 4 faces will do.
-        grasp_yaw = yaw + _wrap(4 * (cube_yaw - yaw)) / 4
+        grasp_yaw = yaw + grasp_yaw_error(cube_yaw, yaw)
         dyaw, gripper, delta = 0.0, 1.0, np.zeros(3)
         phase = self.phase
         if phase == "above_cube":
@@ -88,6 +95,38 @@ class ScriptedExpert:
         else:  # retreat
             delta = self._move(ee, np.array([ee[0], ee[1], TRAVEL_Z]), COARSE_STEP)
         return np.array([*delta, 0.0, 0.0, dyaw, gripper])
+
+
+# What the expert sees at a step, recorded beside each demonstration (``/sim_state``) for
+# auxiliary supervision during training: the phase, then positions (m) relative to the
+# hand of the instructed cube and target, the grasp yaw error (rad), then every cube and
+# target zone relative to the hand (the scene, independent of the instruction).
+STATE_FIELDS = (
+    "phase",
+    *("cube_dx", "cube_dy", "cube_dz", "target_dx", "target_dy", "yaw_error"),
+    *(f"{c}_cube_d{a}" for c in COLORS for a in "xyz"),
+    *(f"{t}_target_d{a}" for t in ("blue", "green") for a in "xy"),
+)
+
+
+def privileged_state(env: TabletopEnv, phase: str) -> np.ndarray:
+    """``STATE_FIELDS`` of the current step, ``phase`` as its index in ``PHASES``."""
+    ee, quat = env.ee_pose()
+    yaw = Rotation.from_quat(quat).as_euler("xyz")[2]
+    cubes = {c: env.cube_pose(c) for c in COLORS}
+    targets = {t: env.target_position(t) for t in env.targets}
+    cube, cube_yaw = cubes[env.task[0]]
+    target = targets[env.task[1]]
+    return np.array(
+        [
+            PHASES.index(phase),
+            *(cube - ee),
+            *(target - ee)[:2],
+            grasp_yaw_error(cube_yaw, yaw),
+            *np.concatenate([cubes[c][0] - ee for c in COLORS]),
+            *np.concatenate([(targets[t] - ee)[:2] for t in ("blue", "green")]),
+        ]
+    )
 
 
 def run_episode(env: TabletopEnv, seed: int, expert: ScriptedExpert | None = None) -> tuple[bool, int]:

@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     parser.add_argument("--shift", type=int, default=4, help="random-shift augmentation (pixels)")
+    parser.add_argument(
+        "--aux-weight",
+        type=float,
+        default=0.0,
+        help="weight of the auxiliary state targets (bags with /sim_state; 0: behaviour cloning only)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--action-bins", type=int, default=256, help="action bins of a new tiny model (OpenVLA: 256)"
@@ -53,7 +59,14 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 start = args.init or make_tiny_openvla(Path(tmp) / "init", args.seed, args.action_bins)
             run = BehaviourCloning(
-                load_openvla(start), samples, args.lr, args.seed, args.steps, args.warmup, args.shift
+                load_openvla(start),
+                samples,
+                args.lr,
+                args.seed,
+                args.steps,
+                args.warmup,
+                args.shift,
+                args.aux_weight,
             )
             if args.resume:
                 run.resume(args.out)
@@ -61,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
                 range(run.step, args.steps), desc="training", unit="step", initial=run.step, total=args.steps
             )
             for _ in progress:
-                loss = run.train_step(args.batch)
-                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{run.learning_rate(run.step):.1e}")
+                loss, aux = run.train_step(args.batch)
+                shown = {"loss": f"{loss:.3f}", "lr": f"{run.learning_rate(run.step):.1e}"}
+                progress.set_postfix(shown | ({} if aux is None else {"aux": f"{aux:.3f}"}))
                 if run.step % args.save_every == 0:
                     run.save(args.out)
             run.save(args.out)
