@@ -12,12 +12,12 @@ pytest.importorskip("mujoco", reason="mujoco is not installed")
 
 from test_sim import _renderer_available
 
+from dyqvla_ros.bags.store import BagError
 from dyqvla_ros.model import VLAPolicy, load_openvla
 from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.sim.collect import collect
-from dyqvla_ros.tools import train
-from dyqvla_ros.bags.store import BagError
 from dyqvla_ros.sim.expert import STATE_FIELDS
+from dyqvla_ros.tools import train
 from dyqvla_ros.training import (
     AUX_FILE,
     STATE_FILE,
