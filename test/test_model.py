@@ -16,7 +16,7 @@ from dyqvla_ros.model import ActionStats, ActionTokenizer, CheckpointError, VLAP
 from dyqvla_ros.model.config import OpenVLAConfig
 from dyqvla_ros.model.loader import build_model, load_quantized_openvla
 from dyqvla_ros.model.processing import EMPTY_TOKEN_ID, PROMPT_TEMPLATE, prompt_ids, validate_image
-from dyqvla_ros.model.tiny import TINY_UNNORM_KEY, make_tiny_openvla
+from dyqvla_ros.model.tiny import TINY_UNNORM_KEY, build_tokenizer, make_tiny_openvla
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INSTRUCTION = "put the red cube on the blue target"
@@ -60,6 +60,21 @@ def test_save_load_gives_identical_actions(tiny_dir, tiny):
     a = VLAPolicy(tiny).predict(image(), INSTRUCTION)
     b = VLAPolicy(again).predict(image(), INSTRUCTION)
     assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.action, b.action)
+
+
+def test_tiny_tokenizer_has_whole_words_and_falls_back_to_characters():
+    tokenizer = build_tokenizer()
+    ids = prompt_ids(tokenizer, "put the red cube on the green target")[0].tolist()
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    for word in ("put", "red", "cube", "green", "target", "What", "robot"):
+        assert f"▁{word}" in tokens
+    assert len(ids) == 25  # 85 with characters only
+    assert len(set(ids)) > 15 and max(ids) < 32000 - 256  # no word token among the action tokens
+    text = "stack the mauve prism, then reddish ünïcode"
+    ids = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(ids[1:]) == text
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert "▁the" in tokens and "▁stack" not in tokens and "k" in tokens  # unlisted words: pieces
 
 
 def test_prompt_follows_openvla(tiny):

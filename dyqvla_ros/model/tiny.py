@@ -88,19 +88,49 @@ def tiny_config_dict(seed: int, n_action_bins: int = 256) -> dict:
     }
 
 
+# Whole-word tokens, as Llama-2's vocabulary has them ("▁red", "▁cube", ...), for the words
+# of OpenVLA's prompt and of manipulation instructions. Spelled out in characters (85
+# prompt tokens) the instructed cube's colour was a 3-5 character pattern deep inside the
+# prompt: after 3000 training steps a linear readout of the state before the first action
+# token could not tell the instructed cube's position at all (R^2 ~ 0), though the patch
+# tokens located every cube (R^2 ~ 0.95). Other text still falls back to characters.
+WORD_TOKENS = (
+    *("In", "What", "action", "should", "the", "robot", "take", "to"),
+    *("put", "pick", "place", "move", "push", "open", "close", "up", "on", "in", "into", "of", "and", "a"),
+    *("cube", "block", "bowl", "plate", "drawer", "target", "left", "right", "top"),
+    *("red", "green", "blue", "yellow", "black", "white"),
+)
+
+
+def _word_merges() -> list[tuple[str, str]]:
+    """BPE merges that build each ``WORD_TOKENS`` word after a space ("▁" + word), left to
+    right; the result of every merge is a vocabulary entry."""
+    merges: list[tuple[str, str]] = []
+    for word in WORD_TOKENS:
+        for i in range(len(word)):
+            merge = ("▁" + word[:i], word[i])
+            if merge not in merges:
+                merges.append(merge)
+    return merges
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Llama-2-shaped vocabulary, character-level BPE with byte fallback."""
+    """Llama-2-shaped vocabulary: whole-word tokens for ``WORD_TOKENS``, characters
+    otherwise, byte fallback."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
     chars = [c for c in string.printable if c not in " \t\n\r\x0b\x0c"]
     for c in chars:
         vocab[c] = len(vocab)
+    merges = _word_merges()
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
     while len(vocab) < TEXT_VOCAB:
         if len(vocab) == EMPTY_TOKEN_ID:
             vocab["▁"] = EMPTY_TOKEN_ID
         else:
             vocab[f"<unused_{len(vocab)}>"] = len(vocab)
-    tok = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
