@@ -158,3 +158,22 @@ def test_snapshot_restore_replays_an_episode_exactly():
     np.testing.assert_array_equal(env.ee_pose()[0], end[0])
     np.testing.assert_array_equal(env.cube_pose("red")[0], end[1])
     assert env.steps == end[2]
+
+
+def test_cube_yaw_is_defined_for_a_tipped_cube():
+    """A cube knocked onto its side has no Euler yaw (gimbal lock); its heading still is."""
+    import warnings
+
+    from scipy.spatial.transform import Rotation
+
+    env = TabletopEnv(render_size=0)
+    env.reset(0)
+    joint = env.model.joint("cube_red")
+    qpos = env.data.qpos[joint.qposadr[0] : joint.qposadr[0] + 7]
+    for tip in "XY":  # onto a side: the y or the x axis points up
+        qpos[3:] = Rotation.from_euler(f"Z{tip}", [0.3, np.pi / 2]).as_quat(scalar_first=True)
+        mujoco.mj_forward(env.model, env.data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, yaw = env.cube_pose("red")
+        assert yaw == pytest.approx(0.3)

@@ -10,6 +10,7 @@ the zone radius, on the table) with the gripper open.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mujoco
@@ -31,6 +32,10 @@ class Observation:
     ee_quaternion: np.ndarray  # (4,) x y z w
     fingers: np.ndarray  # (2,) finger slides (m)
     instruction: str
+
+
+def _wrap_angle(angle: float) -> float:
+    return (angle + math.pi) % (2 * math.pi) - math.pi
 
 
 class TabletopEnv:
@@ -129,8 +134,13 @@ class TabletopEnv:
 
     def cube_pose(self, color: str) -> tuple[np.ndarray, float]:
         body = self.data.body(f"cube_{color}")
-        yaw = Rotation.from_quat(body.xquat, scalar_first=True).as_euler("xyz")[2]
-        return body.xpos.copy(), float(yaw)
+        # Heading of the cube's x axis (its Euler "xyz" yaw while it stands upright); for a
+        # cube tipped so that x points up, the y axis' heading less 90° (the same faces to
+        # grasp; Euler yaw would hit gimbal lock there).
+        rot = body.xmat.reshape(3, 3)
+        if abs(rot[2, 0]) <= abs(rot[2, 1]):
+            return body.xpos.copy(), math.atan2(rot[1, 0], rot[0, 0])
+        return body.xpos.copy(), _wrap_angle(math.atan2(rot[1, 1], rot[0, 1]) - math.pi / 2)
 
     def target_position(self, color: str) -> np.ndarray:
         return self.data.site(f"target_{color}").xpos.copy()
