@@ -179,8 +179,6 @@ class BehaviourCloning:
             self.aux = AuxiliaryHeads(n_patches, width)
             parameters += list(self.aux.parameters())
         self.optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-        ids = self.tokenizer.token_ids
-        self.first_action_id, self.n_action_ids = ids.start, len(ids)
         self.seed, self.step = seed, 0
         self.rng = np.random.default_rng([seed, 0])
 
@@ -222,7 +220,8 @@ class BehaviourCloning:
         ends = torch.tensor([len(q) for q in sequences]) + n_patches  # real length of each row
         positions = ends[:, None] - n_actions + torch.arange(n_actions)[None]
         picked = hidden[torch.arange(len(indices))[:, None], positions]
-        start, n = self.first_action_id, self.n_action_ids
+        ids = self.tokenizer.token_ids
+        start, n = ids.start, len(ids)
         logits = F.linear(picked, self.model.language_model.lm_head.weight[start : start + n]).float()
         action_loss = F.cross_entropy(logits.reshape(-1, n), (targets - start).reshape(-1))
         if self.aux is None:
@@ -230,7 +229,8 @@ class BehaviourCloning:
         patches = embeds[:, 1 : 1 + n_patches]
         return action_loss, self.aux.loss(patches, picked[:, 0], self.states[indices])
 
-    def train_step(self, batch: int) -> float:
+    def train_step(self, batch: int) -> tuple[float, float | None]:
+        """One optimizer step; returns (action loss, auxiliary loss or None)."""
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.step)

@@ -17,7 +17,7 @@ import mujoco
 import numpy as np
 from scipy.spatial.transform import Rotation, Slerp
 
-from dyqvla_ros.sim.scene import COLORS, CUBE_HALF, FINGER_OPEN, TARGET_RADIUS, TIMESTEP, scene_xml
+from dyqvla_ros.sim.scene import COLORS, CUBE_HALF, FINGER_OPEN, TARGET_RADIUS, TARGETS, TIMESTEP, scene_xml
 
 CONTROL_HZ = 10.0
 WORKSPACE_LOW = np.array([0.2, -0.25, 0.02])
@@ -34,7 +34,8 @@ class Observation:
     instruction: str
 
 
-def _wrap_angle(angle: float) -> float:
+def wrap_angle(angle: float) -> float:
+    """``angle`` in [-pi, pi)."""
     return (angle + math.pi) % (2 * math.pi) - math.pi
 
 
@@ -48,7 +49,7 @@ class TabletopEnv:
         self.substeps = round(1.0 / CONTROL_HZ / TIMESTEP)
         self.max_steps = max_steps
         self.cubes = list(COLORS)
-        self.targets = ["blue", "green"]
+        self.targets = list(TARGETS)
         self.rng = np.random.default_rng(0)
         self.task: tuple[str, str] = ("red", "blue")
         self.steps = 0
@@ -140,10 +141,14 @@ class TabletopEnv:
         rot = body.xmat.reshape(3, 3)
         if abs(rot[2, 0]) <= abs(rot[2, 1]):
             return body.xpos.copy(), math.atan2(rot[1, 0], rot[0, 0])
-        return body.xpos.copy(), _wrap_angle(math.atan2(rot[1, 1], rot[0, 1]) - math.pi / 2)
+        return body.xpos.copy(), wrap_angle(math.atan2(rot[1, 1], rot[0, 1]) - math.pi / 2)
 
     def target_position(self, color: str) -> np.ndarray:
         return self.data.site(f"target_{color}").xpos.copy()
+
+    def hand_yaw(self) -> float:
+        """Yaw (rad) of the measured hand (it only ever rotates about z)."""
+        return float(Rotation.from_quat(self.ee_pose()[1]).as_euler("xyz")[2])
 
     def ee_pose(self) -> tuple[np.ndarray, np.ndarray]:
         """Measured hand pose: position (m) and quaternion x y z w."""

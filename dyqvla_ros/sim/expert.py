@@ -9,26 +9,19 @@ kinematic monitor is built to see.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from scipy.spatial.transform import Rotation
 
-from dyqvla_ros.sim.env import TabletopEnv
-from dyqvla_ros.sim.scene import COLORS
+from dyqvla_ros.sim.env import TabletopEnv, wrap_angle
+from dyqvla_ros.sim.scene import COLORS, TARGETS
 
 COARSE_STEP, FINE_STEP, YAW_STEP = 0.04, 0.01, 0.2
 PHASES = ("above_cube", "descend", "close", "lift", "transport", "lower", "release", "retreat")
 TRAVEL_Z, GRASP_Z, PLACE_Z = 0.12, 0.035, 0.042
 
 
-def _wrap(angle: float) -> float:
-    return (angle + math.pi) % (2 * math.pi) - math.pi
-
-
 def grasp_yaw_error(cube_yaw: float, hand_yaw: float) -> float:
     """Yaw (rad) the hand must turn to face the nearest of the cube's 4 faces, in [-pi/4, pi/4)."""
-    return _wrap(4 * (cube_yaw - hand_yaw)) / 4
+    return wrap_angle(4 * (cube_yaw - hand_yaw)) / 4
 
 
 class ScriptedExpert:
@@ -48,8 +41,7 @@ class ScriptedExpert:
         """The 7-D action for the current state (Δxyz, Δrpy, gripper)."""
         cube, cube_yaw = env.cube_pose(env.task[0])
         target = env.target_position(env.task[1])
-        ee, quat = env.ee_pose()
-        yaw = Rotation.from_quat(quat).as_euler("xyz")[2]
+        ee, yaw = env.ee_pose()[0], env.hand_yaw()
         # The fingers close along the hand's y axis: any of the cube's 4 faces will do.
         grasp_yaw = yaw + grasp_yaw_error(cube_yaw, yaw)
         dyaw, gripper, delta = 0.0, 1.0, np.zeros(3)
@@ -105,14 +97,13 @@ STATE_FIELDS = (
     "phase",
     *("cube_dx", "cube_dy", "cube_dz", "target_dx", "target_dy", "yaw_error"),
     *(f"{c}_cube_d{a}" for c in COLORS for a in "xyz"),
-    *(f"{t}_target_d{a}" for t in ("blue", "green") for a in "xy"),
+    *(f"{t}_target_d{a}" for t in TARGETS for a in "xy"),
 )
 
 
 def privileged_state(env: TabletopEnv, phase: str) -> np.ndarray:
     """``STATE_FIELDS`` of the current step, ``phase`` as its index in ``PHASES``."""
-    ee, quat = env.ee_pose()
-    yaw = Rotation.from_quat(quat).as_euler("xyz")[2]
+    ee, yaw = env.ee_pose()[0], env.hand_yaw()
     cubes = {c: env.cube_pose(c) for c in COLORS}
     targets = {t: env.target_position(t) for t in env.targets}
     cube, cube_yaw = cubes[env.task[0]]
@@ -124,7 +115,7 @@ def privileged_state(env: TabletopEnv, phase: str) -> np.ndarray:
             *(target - ee)[:2],
             grasp_yaw_error(cube_yaw, yaw),
             *np.concatenate([cubes[c][0] - ee for c in COLORS]),
-            *np.concatenate([(targets[t] - ee)[:2] for t in ("blue", "green")]),
+            *np.concatenate([(targets[t] - ee)[:2] for t in TARGETS]),
         ]
     )
 

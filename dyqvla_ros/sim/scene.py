@@ -10,6 +10,7 @@ the horizon, the workspace filling the frame, the hand visible from its start he
 from __future__ import annotations
 
 COLORS = {"red": (0.85, 0.15, 0.15), "green": (0.15, 0.7, 0.2), "blue": (0.15, 0.3, 0.85)}
+TARGETS = ("blue", "green")  # colours of the target zones
 CUBE_HALF = 0.02  # m
 TARGET_RADIUS = 0.045  # m
 TABLE_TOP = 0.0  # table surface height (m)
@@ -21,9 +22,7 @@ def _rgba(color: tuple[float, float, float], alpha: float = 1.0) -> str:
     return " ".join(f"{c:g}" for c in (*color, alpha))
 
 
-def scene_xml(
-    cubes: tuple[str, ...] = ("red", "green", "blue"), targets: tuple[str, ...] = ("blue", "green")
-) -> str:
+def scene_xml(cubes: tuple[str, ...] = tuple(COLORS), targets: tuple[str, ...] = TARGETS) -> str:
     """MJCF text; cube ``c`` is body ``cube_<c>``, target ``t`` is site ``target_<t>``."""
     cube_bodies = "\n".join(
         f"""    <body name="cube_{c}" pos="0 0 {CUBE_HALF}">
