@@ -15,7 +15,13 @@ No network, no weights, no ROS: random weights with the real OpenVLA-7B shapes.
    dynamic, following the bit trace the kinematic monitor produces on the synthetic
    pick-and-place episode; each eager and with CUDA graphs; p50/p99 ms over --steps
    steps after warm-up, speed-ups against the baseline measured in this run, and peak
-   GPU memory per mode.
+   GPU memory per mode;
+4. a launch-configuration sweep of the bare kernel (``bench/kernels.py --sweep``), while
+   the time budget lasts.
+
+A lent GPU comes with minutes, not hours: every section runs even if an earlier one
+failed (its traceback goes into the JSON under "errors"), the JSON is rewritten after
+each section, and modes / sweep cases past ``--budget-s`` are reported as skipped.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,45 +139,46 @@ def graphs_match_eager(policy_graphs: VLAPolicy, policy_eager: VLAPolicy) -> dic
     }
 
 
-def end_to_end(device: torch.device, steps: int) -> tuple[list[dict], dict]:
+def end_to_end(device: torch.device, steps: int, deadline: float) -> dict:
+    """Control-step rows per mode, the graph-vs-eager token check and the trace's bit shares."""
     trace = bit_trace()
     if device.type == "cuda":
         loaded = model_step.random_7b(device, quantize=False)
     else:
         loaded = load_openvla(ensure_tiny_openvla())
-    rows = []
-    baseline = VLAPolicy(loaded, restrict_to_actions=True)
-    rows.append(run_mode("HF-eager BF16", baseline, False, [16], steps, device))
-    rows.append(
-        run_mode(
-            "BF16 + static cache + graphs",
-            VLAPolicy(loaded, restrict_to_actions=True),
-            True,
-            [16],
-            steps,
-            device,
+    rows: list[dict] = []
+
+    def mode(name: str, graphs: bool, bits: list[int]) -> None:
+        """One mode's row; past the deadline a row that says it was skipped."""
+        if time.perf_counter() > deadline:
+            rows.append({"mode": name, "graphs": graphs, "skipped": "time budget spent"})
+        else:
+            rows.append(
+                run_mode(name, VLAPolicy(loaded, restrict_to_actions=True), graphs, bits, steps, device)
+            )
+        print(
+            f"[{time.strftime('%H:%M:%S')}] control step: {name}{' + graphs' if graphs else ''}", flush=True
         )
-    )
+
+    mode("HF-eager BF16", False, [16])
+    mode("BF16 + static cache + graphs", True, [16])
     quantize_model(loaded.model, 128 if device.type == "cuda" else 32, include=["language_model.*"])
     if device.type == "cuda":
         torch.cuda.empty_cache()
     checks = {}
     for graphs in (False, True):
         for bits in BITS:
-            policy = VLAPolicy(loaded, restrict_to_actions=True)
-            rows.append(run_mode(f"W4A{bits}", policy, graphs, [bits], steps, device))
-        rows.append(
-            run_mode(
-                "dynamic (trace)", VLAPolicy(loaded, restrict_to_actions=True), graphs, trace, steps, device
-            )
-        )
+            mode(f"W4A{bits}", graphs, [bits])
+        mode("dynamic (trace)", graphs, trace)
     graphed = VLAPolicy(loaded, restrict_to_actions=True)
     if graphed.enable_cuda_graphs(max_cache_len=512):
         checks = graphs_match_eager(graphed, VLAPolicy(loaded, restrict_to_actions=True))
-    base = rows[0]["p50_ms"]
+    base = rows[0].get("p50_ms")
     for row in rows:
-        row["speedup_vs_hf_eager"] = base / row["p50_ms"]
-    return rows, {
+        if base and "p50_ms" in row:
+            row["speedup_vs_hf_eager"] = base / row["p50_ms"]
+    return {
+        "control_step": rows,
         "graph_tokens_match_eager": checks,
         "trace_share": {b: trace.count(b) / len(trace) for b in BITS},
     }
@@ -189,12 +198,71 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     return 2 * 10 * src.numel() / (time.perf_counter() - start) / 1e9  # read + write
 
 
+class Report:
+    """The suite's JSON, rewritten after every section so a run cut short keeps its numbers."""
+
+    def __init__(self, path: str, info: dict) -> None:
+        self.path = Path(path)
+        self.data: dict = {**info, "errors": {}}
+        self.started = time.perf_counter()
+
+    def section(self, name: str, run: Callable[[], object]) -> object:
+        """``run()`` stored under ``name``; a failure is stored under "errors" instead."""
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
+        try:
+            value = run()
+        except Exception:
+            value = None
+            self.data["errors"][name] = traceback.format_exc()
+            print(self.data["errors"][name], flush=True)
+        self.data[name] = value
+        self.data["seconds"] = time.perf_counter() - self.started
+        self.path.write_text(json.dumps(self.data, indent=1))
+        return value
+
+
+def print_summary(data: dict) -> None:
+    """The table of a (possibly partial) run: what each section measured, or why not."""
+    print(f"{data['device']}  torch {data['torch']}  triton {data['triton']}  {data['date']}")
+    correctness = data.get("correctness") or []
+    bad = [r for r in correctness if not r["ok"]]
+    print(f"kernel vs reference: {len(correctness) - len(bad)}/{len(correctness)} within tolerance")
+    for r in bad:
+        print(f"  MISMATCH M={r['M']} K={r['K']} N={r['N']} bits={r['bits']} rel_err={r['rel_err']:.2e}")
+    print(f"device copy bandwidth: {data.get('copy_bandwidth_GBps') or float('nan'):.0f} GB/s")
+    if data.get("kernels"):
+        kernel_bench.print_table(data["kernels"], data["device"])
+    if data.get("sweep"):
+        kernel_bench.print_sweep(data["sweep"])
+    if data.get("end_to_end"):
+        extra = data["end_to_end"]
+        matches = extra["graph_tokens_match_eager"] or "n/a (no CUDA graphs here)"
+        print(f"graph decode tokens == eager: {matches}")
+        head = f"{'control step mode':<30}{'graphs':>7}{'p50 ms':>9}{'p99 ms':>9}{'speed-up':>10}"
+        print(f"{head}{'peak GiB':>10}")
+        for r in extra["control_step"]:
+            if "skipped" in r:
+                print(f"{r['mode']:<30}{'yes' if r['graphs'] else 'no':>7}  skipped: {r['skipped']}")
+                continue
+            print(
+                f"{r['mode']:<30}{'yes' if r['graphs'] else 'no':>7}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                f"{r.get('speedup_vs_hf_eager', float('nan')):>10.2f}{r['peak_gib']:>10.2f}"
+            )
+        print(f"bit trace share: {extra['trace_share']}")
+    for name in data["errors"]:
+        print(f"section {name} FAILED (traceback in the JSON)")
+    print(f"total {data['seconds']:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU, seconds")
     parser.add_argument("--steps", type=int, default=None, help="timed control steps per mode")
+    parser.add_argument(
+        "--budget-s", type=float, default=420.0, help="start no control-step mode or sweep case after this"
+    )
     parser.add_argument("--json", default="gpu_suite.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,39 +270,29 @@ def main() -> None:
         parser.error("no CUDA device: run with --quick (tiny shapes on the CPU)")
     steps = args.steps or (50 if device.type == "cuda" else 3)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    started = time.perf_counter()
-    info = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    correctness = kernel_correctness(device, dtype)
-    bandwidth = copy_bandwidth_gbps(device)
-    linears = kernel_bench.QUICK_LINEARS if args.quick else kernel_bench.LLAMA7B_LINEARS
-    kernels = kernel_bench.run(
-        linears, [1, 16, 40] if args.quick else [1, 16, 280], device, 3 if args.quick else 50
+    report = Report(
+        args.json,
+        {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+            "date": time.strftime("%Y-%m-%d"),
+        },
     )
-    steps_rows, extra = end_to_end(device, steps)
-    result = {**info, "copy_bandwidth_GBps": bandwidth, "correctness": correctness, "kernels": kernels,
-              "control_step": steps_rows, **extra, "seconds": time.perf_counter() - started}  # fmt: skip
-    Path(args.json).write_text(json.dumps(result, indent=1))
-
-    print(f"{info['device']}  torch {info['torch']}  triton {info['triton']}  {info['date']}")
-    bad = [r for r in correctness if not r["ok"]]
-    print(f"kernel vs reference: {len(correctness) - len(bad)}/{len(correctness)} within tolerance")
-    for r in bad:
-        print(f"  MISMATCH M={r['M']} K={r['K']} N={r['N']} bits={r['bits']} rel_err={r['rel_err']:.2e}")
-    print(f"graph decode tokens == eager: {extra['graph_tokens_match_eager'] or 'n/a (no CUDA graphs here)'}")
-    print(f"device copy bandwidth: {bandwidth:.0f} GB/s")
-    kernel_bench.print_table(kernels, info["device"])
-    print(f"{'control step mode':<30}{'graphs':>7}{'p50 ms':>9}{'p99 ms':>9}{'speed-up':>10}{'peak GiB':>10}")
-    for r in steps_rows:
-        print(
-            f"{r['mode']:<30}{'yes' if r['graphs'] else 'no':>7}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['speedup_vs_hf_eager']:>10.2f}{r['peak_gib']:>10.2f}"
-        )
-    print(f"bit trace share: {extra['trace_share']}; total {result['seconds']:.0f} s; JSON: {args.json}")
+    deadline = report.started + args.budget_s
+    linears = kernel_bench.QUICK_LINEARS if args.quick else kernel_bench.LLAMA7B_LINEARS
+    reps = 3 if args.quick else 100  # calls on the CPU, milliseconds of calls on CUDA
+    report.section("correctness", lambda: kernel_correctness(device, dtype))
+    report.section("copy_bandwidth_GBps", lambda: copy_bandwidth_gbps(device))
+    report.section(
+        "kernels",
+        lambda: kernel_bench.run(linears, [1, 16, 40] if args.quick else [1, 16, 280], device, reps),
+    )
+    report.section("end_to_end", lambda: end_to_end(device, steps, deadline))
+    plan = kernel_bench.QUICK_SWEEP if args.quick else kernel_bench.SWEEP
+    report.section("sweep", lambda: kernel_bench.sweep(linears, plan, device, reps, deadline))
+    print_summary(report.data)
+    print(f"JSON: {args.json}")
 
 
 if __name__ == "__main__":

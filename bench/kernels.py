@@ -7,7 +7,15 @@ bf16 ``torch.matmul`` on the same device, in the same run, and prints the ratio
 TOP/s at M = 280. On CUDA the Triton backend runs; on the CPU the reference backend
 (Triton's interpreter is far too slow for these shapes).
 
+``--sweep`` (CUDA; under ``--quick`` also in the interpreter) times the bare ``w4a_gemm``
+kernel with other launch configurations (tiles, split-K, warps) beside the default
+``launch_config``, so the decode and prefill tilings can be chosen from measurements.
+
+On CUDA every time is the median of ``triton.testing.do_bench`` (CUDA events; the L2 is
+flushed before each call, so weights come from HBM as they do in a model's forward).
+
     python bench/kernels.py                 # all shapes
+    python bench/kernels.py --sweep         # + launch-configuration sweep (CUDA)
     python bench/kernels.py --quick         # small shapes, seconds (CI keeps it alive)
 """
 
@@ -15,14 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from functools import partial
 
 import torch
 from torch import nn
 
+from dyqvla_ros.kernels.w4a_gemm import LaunchConfig, launch_config, w4a_gemm
 from dyqvla_ros.quant import QuantLinear
 
 # (name, in_features K, out_features N) of one Llama-2-7B decoder layer.
@@ -33,6 +44,13 @@ LLAMA7B_LINEARS = [
 ]
 QUICK_LINEARS = [("quick", 256, 384)]
 BITS = (16, 8, 4, 2)
+GROUP = 128
+# Alternatives to launch_config's defaults: (M, configurations tried at that M).
+SWEEP = [
+    (1, [LaunchConfig(16, bn, sk) for bn in (32, 64, 128) for sk in (1, 4, 8, 16)]),
+    (280, [LaunchConfig(bm, bn, 1, nw) for bm in (64, 128) for bn in (64, 128) for nw in (4, 8)]),
+]
+QUICK_SWEEP = [(1, [LaunchConfig(16, 32, 2)]), (40, [LaunchConfig(32, 32, 1, 2)])]
 
 
 def sync(device: torch.device) -> None:
@@ -42,9 +60,17 @@ def sync(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median wall time of ``fn`` in ms (CUDA-synchronised), after one warm-up call."""
+    """Median time of one call of ``fn`` in ms, after one warm-up call.
+
+    CUDA: ``do_bench`` with ~``reps`` ms of repetitions (events, L2 flushed per call);
+    CPU: wall clock over ``reps`` calls.
+    """
     fn()
     sync(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=max(5, reps // 4), rep=reps, return_mode="median")
     samples = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -59,7 +85,7 @@ def run(linears: list[tuple[str, int, int]], ms: list[int], device: torch.device
     for name, k, n in linears:
         dense = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
         backend = "triton" if device.type == "cuda" else "reference"
-        layer = QuantLinear.from_linear(dense, 128, backend=backend)
+        layer = QuantLinear.from_linear(dense, GROUP, backend=backend)
         weight_bytes = layer.qweight.numel() + layer.scales.numel() * 2
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
@@ -85,6 +111,74 @@ def run(linears: list[tuple[str, int, int]], ms: list[int], device: torch.device
     return rows
 
 
+def sweep(
+    linears: list[tuple[str, int, int]],
+    plan: list[tuple[int, list[LaunchConfig]]],
+    device: torch.device,
+    reps: int,
+    deadline: float = float("inf"),
+) -> list[dict]:
+    """The bare kernel at A16 and A8 under each configuration of ``plan`` and the default.
+
+    Stops (rows so far, the last one saying so) once ``time.perf_counter()`` passes
+    ``deadline``, so a time-boxed GPU run still returns what it measured.
+    """
+    rows = []
+    for name, k, n in linears:
+        dense = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        layer = QuantLinear.from_linear(dense, GROUP, backend="triton")
+        weight_bytes = layer.qweight.numel() + layer.scales.numel() * 2
+        for m, configs in plan:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            default = launch_config(m, n, layer.scales.shape[0], device)
+            with torch.no_grad():
+                base = time_ms(partial(dense, x), device, reps)
+                for bits in (16, 8):
+                    for cfg in [default, *(c for c in configs if c != default)]:
+                        if time.perf_counter() > deadline:
+                            rows.append({"stopped": "time budget spent"})
+                            return rows
+                        kernel = partial(w4a_gemm, x, layer.qweight, layer.scales, bits, GROUP, cfg)
+                        ms = time_ms(kernel, device, reps)
+                        rows.append(
+                            {
+                                "layer": name,
+                                "M": m,
+                                "bits": bits,
+                                "config": asdict(cfg),
+                                "default": cfg == default,
+                                "ms": ms,
+                                "speedup_vs_bf16": base / ms,
+                                "weight_GBps": weight_bytes / (ms * 1e-3) / 1e9,
+                                "TOPps": 2 * m * k * n / (ms * 1e-3) / 1e12,
+                            }
+                        )
+    return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    """One line per configuration; ``*`` marks the default, ``<`` the fastest of its case."""
+    timed = [r for r in rows if "ms" in r]
+    best: dict[tuple, float] = {}
+    for r in timed:
+        case = (r["layer"], r["M"], r["bits"])
+        best[case] = min(best.get(case, float("inf")), r["ms"])
+    print("launch sweep: bare w4a_gemm; config = BLOCK_M x BLOCK_N / split-K / warps / stages")
+    print(f"{'layer':<14}{'M':>5}{'bits':>6}  {'config':<20}{'ms':>9}{'ratio':>8}{'GB/s':>9}{'TOP/s':>8}")
+    for r in timed:
+        c = r["config"]
+        text = f"{c['block_m']}x{c['block_n']}/{c['split_k']}/{c['num_warps']}/{c['num_stages']}"
+        mark = ("*" if r["default"] else " ") + (
+            "<" if r["ms"] == best[(r["layer"], r["M"], r["bits"])] else " "
+        )
+        print(
+            f"{r['layer']:<14}{r['M']:>5}{r['bits']:>6}{mark}{text:<20}{r['ms']:>9.4f}"
+            f"{r['speedup_vs_bf16']:>8.2f}{r['weight_GBps']:>9.1f}{r['TOPps']:>8.2f}"
+        )
+    if len(timed) < len(rows):
+        print("sweep stopped early: time budget spent")
+
+
 def print_table(rows: list[dict], device: str) -> None:
     print(f"device: {device}; ratio = bf16 matmul time / W4A<bits> time (same run)")
     print(f"{'layer':<14}{'M':>5}{'bits':>6}{'ms':>10}{'bf16 ms':>10}{'ratio':>8}{'GB/s':>9}{'TOP/s':>8}")
@@ -100,7 +194,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
-    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions (CPU) or milliseconds of them (CUDA)"
+    )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
 
@@ -108,14 +205,23 @@ def main() -> None:
     torch.manual_seed(0)
     linears = QUICK_LINEARS if args.quick else LLAMA7B_LINEARS
     ms = [1, 16, 40] if args.quick else [1, 16, 280]
-    reps = args.reps or (50 if device.type == "cuda" else 3)
+    if (
+        args.sweep
+        and device.type != "cuda"
+        and not (args.quick and os.environ.get("TRITON_INTERPRET") == "1")
+    ):
+        parser.error("--sweep runs Triton kernels: it needs CUDA (or --quick with TRITON_INTERPRET=1)")
+    reps = args.reps or (100 if device.type == "cuda" else 3)
     rows = run(linears, ms, device, reps)
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
     print_table(rows, f"{name}, torch {torch.__version__}")
+    swept = sweep(linears, QUICK_SWEEP if args.quick else SWEEP, device, reps) if args.sweep else []
+    if swept:
+        print_sweep(swept)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"device": name, "torch": torch.__version__, "rows": rows, "sweep": swept}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ Rounding is half-to-even via the 1.5 * 2^23 trick (valid for |v| < 2^22, here
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -161,20 +162,34 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _launch_config(m: int, n: int, num_groups: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, SPLIT_K) for the decode or the prefill shape.
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one ``w4a_gemm`` launch tiles the work: any values valid for ``tl.dot`` run.
+
+    ``split_k > 1`` spreads the K groups over programs that combine partial sums with
+    fp32 atomics (output zero-initialised), for small M where M x N tiles are too few.
+    """
+
+    block_m: int
+    block_n: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def launch_config(m: int, n: int, num_groups: int, device: torch.device) -> LaunchConfig:
+    """The default launch for the decode (M <= 16) or the prefill shape.
 
     NOTE: untuned starting points (no GPU was available when this was written): decode
-    aims at >= 2 programs per SM of an H100/H200 (132 SMs); re-measure with
-    bench/kernels.py on the GPU before changing them.
+    aims at >= 2 programs per SM of an H100/H200 (132 SMs); ``bench/kernels.py --sweep``
+    measures alternatives on the GPU.
     """
     if m <= DECODE_MAX_M:
-        block_m, block_n = 16, 64
+        block_n = 64
         n_tiles = triton.cdiv(n, block_n)
         sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
-        split_k = max(1, min(num_groups, triton.cdiv(2 * sms, n_tiles)))
-        return block_m, block_n, split_k
-    return 64, 64, 1
+        return LaunchConfig(16, block_n, max(1, min(num_groups, triton.cdiv(2 * sms, n_tiles))))
+    return LaunchConfig(64, 64)
 
 
 def w4a_gemm(
@@ -183,7 +198,7 @@ def w4a_gemm(
     scales: torch.Tensor,
     bits: int,
     group_size: int,
-    split_k: int | None = None,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """x (M x K) @ INT4 weight -> fp32 (M x N), activations at ``bits``.
 
@@ -194,7 +209,7 @@ def w4a_gemm(
         scales: ``(K_pad // group_size) x N`` weight scales.
         bits: activation bit-width, one of 2, 4, 8, 16.
         group_size: weight group size G along K (32, 64 or 128; BLOCK_K = G).
-        split_k: override the split of K across programs (decode shape only).
+        config: override ``launch_config``'s tiling (tests, ``bench/kernels.py --sweep``).
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -212,10 +227,10 @@ def w4a_gemm(
     if not (x.device == qweight.device == scales.device):
         raise ValueError("x, qweight and scales must be on the same device")
 
-    block_m, block_n, auto_split = _launch_config(m, n, k_pad // group_size, x.device)
-    split = auto_split if split_k is None or m > DECODE_MAX_M else split_k
+    cfg = config or launch_config(m, n, k_pad // group_size, x.device)
+    split = min(cfg.split_k, k_pad // group_size)
     out = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
     _w4a_gemm_kernel[grid](
         x,
         qweight,
@@ -234,10 +249,12 @@ def w4a_gemm(
         out.stride(1),
         BITS=bits,
         GROUP=group_size,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
         SPLIT_K=split,
         DOT_FP32=_interpreting() or x.dtype == torch.float32,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dyqvla_ros.kernels.int4 import pack_int4, quantize_activations, unpack_int4
-from dyqvla_ros.kernels.w4a_gemm import w4a_gemm, w4a_gemm_reference
+from dyqvla_ros.kernels.w4a_gemm import LaunchConfig, w4a_gemm, w4a_gemm_reference
 
 BITS = (2, 4, 8, 16)
 
@@ -89,7 +89,7 @@ def test_integer_accumulators_are_bit_exact(bits):
     """One group, no split: no fp32 reordering left, so any integer difference shows."""
     qweight, scales = random_weights(128, 96, 128, seed=1)
     x = activations(5, 128, seed=2)
-    out = w4a_gemm(x, qweight, scales, bits, 128, split_k=1)
+    out = w4a_gemm(x, qweight, scales, bits, 128, config=LaunchConfig(16, 64, split_k=1))
     assert torch.equal(out, w4a_gemm_reference(x, qweight, scales, bits, 128))
 
 
@@ -98,8 +98,21 @@ def test_split_k_decode_variant(split_k):
     qweight, scales = random_weights(192, 64, 32, seed=3)
     x = activations(2, 192, seed=4)
     ref = w4a_gemm_reference(x, qweight, scales, 8, 32)
-    out = w4a_gemm(x, qweight, scales, 8, 32, split_k=split_k)
+    out = w4a_gemm(x, qweight, scales, 8, 32, config=LaunchConfig(16, 64, split_k=split_k))
     assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "config", [LaunchConfig(32, 32, split_k=2, num_warps=2), LaunchConfig(16, 128, 1, 8, 2)]
+)
+def test_any_launch_config_computes_the_same_function(config):
+    """bench/kernels.py --sweep times other tilings: each must stay the same GEMM."""
+    qweight, scales = random_weights(200, 150, 64, seed=5)
+    x = activations(37, 200, seed=6)
+    for bits in (16, 4):
+        ref = w4a_gemm_reference(x, qweight, scales, bits, 64)
+        out = w4a_gemm(x, qweight, scales, bits, 64, config=config)
+        assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_bf16_activations_16_bit_path():
