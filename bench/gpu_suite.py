@@ -46,8 +46,8 @@ if QUICK and not torch.cuda.is_available():
 
 from dyqvla_ros.bags.synthetic import write_episodes  # noqa: E402
 from dyqvla_ros.dispatcher import Dispatcher  # noqa: E402
-from dyqvla_ros.kernels.int4 import pack_int4  # noqa: E402
-from dyqvla_ros.kernels.w4a_gemm import w4a_gemm, w4a_gemm_reference  # noqa: E402
+from dyqvla_ros.kernels.int4 import pack_int4, quantize_activations  # noqa: E402
+from dyqvla_ros.kernels.w4a_gemm import LaunchConfig, w4a_gemm, w4a_gemm_reference  # noqa: E402
 from dyqvla_ros.kinematics import KinematicMonitor  # noqa: E402
 from dyqvla_ros.model import VLAPolicy, load_openvla  # noqa: E402
 from dyqvla_ros.model.tiny import ensure_tiny_openvla  # noqa: E402
@@ -65,11 +65,19 @@ INSTRUCTION = "put the red cube on the blue target"
 
 
 def kernel_correctness(device: torch.device, dtype: torch.dtype) -> list[dict]:
-    shapes = [(1, 256, 384, 128), (5, 200, 96, 64), (40, 384, 256, 32)]
+    """Each bit-width with the default launch, and every unpack variant / the dequant path
+    on one shape, against the reference; plus the reference's quantizer on this device
+    against the CPU's (its integers must not depend on where it runs)."""
+    shapes = [(1, 256, 384, 128), (5, 200, 96, 64), (40, 384, 256, 64)]
     if device.type == "cuda":
         shapes = [(1, 4096, 4096, 128), (16, 4096, 11008, 128), (280, 11008, 4096, 128), (3, 4000, 4000, 64)]
+    variants = [
+        LaunchConfig(16, 64, 4, unpack=1),
+        LaunchConfig(64, 64, unpack=2),
+        LaunchConfig(64, 64, unpack=0),
+    ]
     rows, g = [], torch.Generator().manual_seed(0)
-    for m, k, n, group in shapes:
+    for i, (m, k, n, group) in enumerate(shapes):
         k_pad = -(-k // group) * group
         q = torch.randint(-8, 8, (k_pad, n), generator=g, dtype=torch.int8)
         q[k:] = 0
@@ -79,13 +87,33 @@ def kernel_correctness(device: torch.device, dtype: torch.dtype) -> list[dict]:
             device, dtype
         )
         for bits in BITS:
-            ours = w4a_gemm(x, qweight, scales, bits, group)
             ref = w4a_gemm_reference(x, qweight, scales, bits, group)
-            err = ((ours - ref).abs().max() / ref.abs().max()).item()
             tol = 1e-2 if bits == 16 and dtype != torch.float32 else 1e-4
-            rows.append(
-                {"M": m, "K": k, "N": n, "group": group, "bits": bits, "rel_err": err, "ok": err <= tol}
-            )
+            configs = [None] + (variants if i == 1 else [])
+            if i == 2 and bits == 16:
+                configs.append(LaunchConfig(64, 64))  # the fused kernel the dequant path replaces
+            for config in configs:
+                ours = w4a_gemm(x, qweight, scales, bits, group, config)
+                err = ((ours - ref).abs().max() / ref.abs().max()).item()
+                rows.append(
+                    {
+                        "M": m,
+                        "K": k,
+                        "N": n,
+                        "group": group,
+                        "bits": bits,
+                        "config": "default" if config is None else str(config),
+                        "rel_err": err,
+                        "ok": err <= tol,
+                    }
+                )
+        if i == 2:
+            for bits in BITS[1:]:
+                on_device = quantize_activations(x, bits)
+                on_cpu = quantize_activations(x.cpu(), bits)
+                same = all(torch.equal(a.cpu(), b) for a, b in zip(on_device, on_cpu, strict=True))
+                check = {"config": "quantizer vs CPU", "rel_err": 0.0 if same else float("nan"), "ok": same}
+                rows.append({"M": m, "K": k, "N": n, "group": group, "bits": bits, **check})
     return rows
 
 
@@ -228,7 +256,9 @@ def print_summary(data: dict) -> None:
     bad = [r for r in correctness if not r["ok"]]
     print(f"kernel vs reference: {len(correctness) - len(bad)}/{len(correctness)} within tolerance")
     for r in bad:
-        print(f"  MISMATCH M={r['M']} K={r['K']} N={r['N']} bits={r['bits']} rel_err={r['rel_err']:.2e}")
+        print(
+            f"  MISMATCH M={r['M']} K={r['K']} N={r['N']} bits={r['bits']} {r['config']}: {r['rel_err']:.2e}"
+        )
     print(f"device copy bandwidth: {data.get('copy_bandwidth_GBps') or float('nan'):.0f} GB/s")
     if data.get("kernels"):
         kernel_bench.print_table(data["kernels"], data["device"])
@@ -290,7 +320,8 @@ def main() -> None:
     )
     report.section("end_to_end", lambda: end_to_end(device, steps, deadline))
     plan = kernel_bench.QUICK_SWEEP if args.quick else kernel_bench.SWEEP
-    report.section("sweep", lambda: kernel_bench.sweep(linears, plan, device, reps, deadline))
+    sweep_reps = 3 if args.quick else 50
+    report.section("sweep", lambda: kernel_bench.sweep(linears, plan, device, sweep_reps, deadline))
     print_summary(report.data)
     print(f"JSON: {args.json}")
 

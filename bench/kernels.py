@@ -45,12 +45,20 @@ LLAMA7B_LINEARS = [
 QUICK_LINEARS = [("quick", 256, 384)]
 BITS = (16, 8, 4, 2)
 GROUP = 128
-# Alternatives to launch_config's defaults: (M, configurations tried at that M).
+# Alternatives to launch_config's defaults: (M, configurations tried at that M); the
+# dequant_matmul variant is timed at 16 bits only.
 SWEEP = [
-    (1, [LaunchConfig(16, bn, sk) for bn in (32, 64, 128) for sk in (1, 4, 8, 16)]),
-    (280, [LaunchConfig(bm, bn, 1, nw) for bm in (64, 128) for bn in (64, 128) for nw in (4, 8)]),
+    (1, [LaunchConfig(16, bn, sk, unpack=u) for u in (0, 1, 2) for bn in (32, 64, 128) for sk in (8, 16)]),
+    (
+        280,
+        [LaunchConfig(64, 64, dequant_matmul=True)]
+        + [LaunchConfig(64, bn, 1, nw, unpack=u) for u in (0, 1, 2) for bn in (64, 128) for nw in (4, 8)],
+    ),
 ]
-QUICK_SWEEP = [(1, [LaunchConfig(16, 32, 2)]), (40, [LaunchConfig(32, 32, 1, 2)])]
+QUICK_SWEEP = [
+    (1, [LaunchConfig(16, 32, 2, unpack=1)]),
+    (40, [LaunchConfig(32, 32, 1, 2, unpack=2), LaunchConfig(64, 64, dequant_matmul=True)]),
+]
 
 
 def sync(device: torch.device) -> None:
@@ -130,11 +138,12 @@ def sweep(
         weight_bytes = layer.qweight.numel() + layer.scales.numel() * 2
         for m, configs in plan:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-            default = launch_config(m, n, layer.scales.shape[0], device)
             with torch.no_grad():
                 base = time_ms(partial(dense, x), device, reps)
                 for bits in (16, 8):
-                    for cfg in [default, *(c for c in configs if c != default)]:
+                    default = launch_config(m, n, layer.scales.shape[0], device, bits)
+                    tried = [c for c in configs if c != default and (bits == 16 or not c.dequant_matmul)]
+                    for cfg in [default, *tried]:
                         if time.perf_counter() > deadline:
                             rows.append({"stopped": "time budget spent"})
                             return rows
@@ -163,11 +172,15 @@ def print_sweep(rows: list[dict]) -> None:
     for r in timed:
         case = (r["layer"], r["M"], r["bits"])
         best[case] = min(best.get(case, float("inf")), r["ms"])
-    print("launch sweep: bare w4a_gemm; config = BLOCK_M x BLOCK_N / split-K / warps / stages")
+    print("launch sweep: bare w4a_gemm; config = BLOCK_M x BLOCK_N / split-K / warps / stages / unpack")
+    print("(or 'dequant+mm': dequantize to bf16, then torch.matmul)")
     print(f"{'layer':<14}{'M':>5}{'bits':>6}  {'config':<20}{'ms':>9}{'ratio':>8}{'GB/s':>9}{'TOP/s':>8}")
     for r in timed:
         c = r["config"]
-        text = f"{c['block_m']}x{c['block_n']}/{c['split_k']}/{c['num_warps']}/{c['num_stages']}"
+        text = (
+            f"{c['block_m']}x{c['block_n']}/{c['split_k']}/{c['num_warps']}/{c['num_stages']}/{c['unpack']}"
+        )
+        text = "dequant+mm" if c["dequant_matmul"] else text
         mark = ("*" if r["default"] else " ") + (
             "<" if r["ms"] == best[(r["layer"], r["M"], r["bits"])] else " "
         )

@@ -61,7 +61,10 @@ def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     x = x.float()
     low = x.amin(dim=1).clamp(max=0.0)
     high = x.amax(dim=1).clamp(min=0.0)
-    scale = (high - low) / levels
+    # A tensor divisor, not the Python float: for a CPU-scalar divisor PyTorch's CUDA
+    # division multiplies by its reciprocal (one bit less exact), which made this
+    # reference disagree with the kernel's IEEE division on a GPU (measured on an H200).
+    scale = (high - low) / torch.full_like(high, levels)
     scale = torch.where(scale == 0.0, torch.ones_like(scale), scale)
     zero = torch.round(-low / scale)
     q = (torch.round(x / scale[:, None]) + zero[:, None]).clamp(0.0, levels)

@@ -21,7 +21,9 @@ Two launch shapes (``w4a_gemm`` picks one):
 
 * decode (M <= 16): BLOCK_M = 16 and split-K across programs, partial sums combined with
   fp32 atomics, so that a GEMV still fills the GPU;
-* prefill (M > 16, ~280 tokens): BLOCK_M = 64, no split, each program owns its tile.
+* prefill (M > 16, ~280 tokens): BLOCK_M = 64, no split, each program owns its tile;
+  at 16 bits the weight is instead dequantized once (``dequantize_int4``, a transient
+  copy in x's dtype; the stored weight stays packed) and the GEMM is cuBLAS's.
 
 Integer semantics are identical to ``w4a_gemm_reference``: every int32 group
 accumulator is bit-exact; only the fp32 sum over groups may differ in rounding order.
@@ -32,6 +34,7 @@ Rounding is half-to-even via the 1.5 * 2^23 trick (valid for |v| < 2^22, here
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -50,6 +53,33 @@ _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 def _rne(v):
     """Round fp32 to the nearest integer, ties to even (|v| < 2^22)."""
     return (v + _RNE_MAGIC) - _RNE_MAGIC
+
+
+@triton.jit
+def _shifted_codes(x, scale, zero, BITS: tl.constexpr):
+    """Eq. 2 codes Q = clamp(round(x / s) + z, 0, 2^b - 1), shifted by -2^(b-1) into int8."""
+    q = _rne(tl.math.div_rn(x.to(tl.float32), scale[:, None])) + zero[:, None]
+    q = tl.minimum(tl.maximum(q, 0.0), (1 << BITS) - 1)
+    return (q - (1 << (BITS - 1))).to(tl.int8)
+
+
+@triton.jit
+def _group_part(x, w, scale, zero, offset, BITS: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One group's (or half-group's) x . w before the group scale.
+
+    16 bits: fp32 dot of x with the INT4 values. Fewer: the exact int32 accumulator
+    dot(Q - 2^(b-1), w) + (2^(b-1) - z) * colsum(w), as fp32 (exact: |acc| < 2^24).
+    """
+    if BITS == 16:
+        if DOT_FP32:
+            part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(x, w.to(x.dtype))
+    else:
+        acc = tl.dot(_shifted_codes(x, scale, zero, BITS), w, out_dtype=tl.int32)
+        acc += offset[:, None] * tl.sum(w.to(tl.int32), axis=0)[None, :]
+        part = acc.to(tl.float32)
+    return part
 
 
 @triton.jit
@@ -78,6 +108,7 @@ def _w4a_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    UNPACK: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -90,6 +121,7 @@ def _w4a_gemm_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m[:, None] * stride_xm
+    w_cols = w_ptr + offs_n[None, :] * stride_wn
 
     num_groups = tl.cdiv(K, GROUP)
     groups_per_split = tl.cdiv(num_groups, SPLIT_K)
@@ -98,8 +130,6 @@ def _w4a_gemm_kernel(
 
     if BITS < 16:
         # Per-token range over the whole row (every split needs the same s and z).
-        levels = (1 << BITS) - 1
-        half = 1 << (BITS - 1)
         row_min = tl.zeros([BLOCK_M], dtype=tl.float32)  # starts at 0: range contains 0
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32)
         for g in range(0, num_groups):
@@ -111,42 +141,62 @@ def _w4a_gemm_kernel(
             ).to(tl.float32)
             row_min = tl.minimum(row_min, tl.min(x, axis=1))
             row_max = tl.maximum(row_max, tl.max(x, axis=1))
-        scale = tl.math.div_rn(row_max - row_min, tl.full([BLOCK_M], levels, tl.float32))
+        scale = tl.math.div_rn(row_max - row_min, tl.full([BLOCK_M], (1 << BITS) - 1, tl.float32))
         scale = tl.where(scale == 0.0, 1.0, scale)
         zero = _rne(tl.math.div_rn(-row_min, scale))
-        offset = (half - zero).to(tl.int32)
+        offset = ((1 << (BITS - 1)) - zero).to(tl.int32)
+    else:
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused at 16 bits
+        zero = scale
+        offset = scale.to(tl.int32)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(g_start, g_end):
-        offs_k = g * GROUP + offs_g
-        x = tl.load(
-            x_rows + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & (offs_k[None, :] < K),
-            other=0.0,
-        )
-        packed = tl.load(
-            w_ptr + (g * (GROUP // 2) + offs_h)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_n[None, :],
-            other=0,
-        )
-        as_int8 = packed.to(tl.int8, bitcast=True)
-        low = (as_int8 << 4) >> 4  # sign-extend the low nibble (row 2i)
-        high = as_int8 >> 4  # row 2i + 1
-        w = tl.join(low, high).permute(0, 2, 1).reshape(GROUP, BLOCK_N)  # int8 in [-8, 7]
         w_scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
-        if BITS == 16:
-            if DOT_FP32:
-                part = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(x, w.to(x.dtype))
-            acc += part * w_scale[None, :]
+        if UNPACK == 1:
+            # Even and odd rows of K as two half-group dots: the nibbles stay where
+            # they were loaded (no interleave), x is read at stride 2 instead.
+            packed = tl.load(
+                w_cols + (g * (GROUP // 2) + offs_h)[:, None] * stride_wk, mask=mask_n[None, :], other=0
+            )
+            as_int8 = packed.to(tl.int8, bitcast=True)
+            k_even = g * GROUP + 2 * offs_h
+            x_even = tl.load(
+                x_rows + k_even[None, :] * stride_xk, mask=mask_m[:, None] & (k_even[None, :] < K), other=0.0
+            )
+            x_odd = tl.load(
+                x_rows + (k_even + 1)[None, :] * stride_xk,
+                mask=mask_m[:, None] & (k_even[None, :] + 1 < K),
+                other=0.0,
+            )
+            part = _group_part(x_even, (as_int8 << 4) >> 4, scale, zero, offset, BITS, DOT_FP32)
+            part += _group_part(x_odd, as_int8 >> 4, scale, zero, offset, BITS, DOT_FP32)
         else:
-            q = _rne(tl.math.div_rn(x.to(tl.float32), scale[:, None])) + zero[:, None]
-            q = tl.minimum(tl.maximum(q, 0.0), levels)
-            shifted = (q - half).to(tl.int8)
-            part = tl.dot(shifted, w, out_dtype=tl.int32)
-            part += offset[:, None] * tl.sum(w.to(tl.int32), axis=0)[None, :]
-            acc += part.to(tl.float32) * w_scale[None, :]
+            offs_k = g * GROUP + offs_g
+            x = tl.load(
+                x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0
+            )
+            if UNPACK == 0:
+                # Interleave the nibbles of G/2 loaded rows into G rows in registers.
+                packed = tl.load(
+                    w_cols + (g * (GROUP // 2) + offs_h)[:, None] * stride_wk, mask=mask_n[None, :], other=0
+                )
+                as_int8 = packed.to(tl.int8, bitcast=True)
+                low = (as_int8 << 4) >> 4  # sign-extend the low nibble (row 2i)
+                high = as_int8 >> 4  # row 2i + 1
+                w = tl.join(low, high).permute(0, 2, 1).reshape(GROUP, BLOCK_N)  # int8 in [-8, 7]
+            else:
+                # Each byte row loaded for both of its K rows (the second read hits the
+                # cache), then the nibble of each row selected.
+                packed = tl.load(
+                    w_cols + (g * (GROUP // 2) + offs_g // 2)[:, None] * stride_wk,
+                    mask=mask_n[None, :],
+                    other=0,
+                )
+                as_int8 = packed.to(tl.int8, bitcast=True)
+                w = tl.where((offs_g % 2 == 0)[:, None], (as_int8 << 4) >> 4, as_int8 >> 4)
+            part = _group_part(x, w, scale, zero, offset, BITS, DOT_FP32)
+        acc += part * w_scale[None, :]
 
     if BITS < 16:
         acc = acc * scale[:, None]
@@ -158,16 +208,66 @@ def _w4a_gemm_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
 
+@triton.jit
+def _bf16_bits(v):
+    """fp32 -> bf16 bit pattern (int16), round-half-to-even, by integer operations.
+
+    The interpreter truncates fp32 -> bf16 casts; this rounds the same way everywhere
+    (finite inputs only, which products of INT4 values and fp16 scales are).
+    """
+    b = v.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    return b.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr,
+    s_ptr,
+    out_ptr,
+    N,
+    stride_wk,
+    stride_sg,
+    stride_ok,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    """One weight group of BLOCK_N columns: W[k, n] = q[k, n] * s[g, n] in fp32, rounded
+    once to out's dtype (with BF16_BITS, out is int16 holding bf16 bit patterns)."""
+    g = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, GROUP // 2)
+    mask = (offs_n < N)[None, :]
+    packed = tl.load(w_ptr + (g * (GROUP // 2) + offs_h)[:, None] * stride_wk + offs_n[None, :], mask=mask)
+    as_int8 = packed.to(tl.int8, bitcast=True)
+    w_scale = tl.load(s_ptr + g * stride_sg + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    even = ((as_int8 << 4) >> 4).to(tl.float32) * w_scale
+    odd = (as_int8 >> 4).to(tl.float32) * w_scale
+    rows = out_ptr + (g * GROUP + 2 * offs_h)[:, None] * stride_ok + offs_n[None, :]
+    if BF16_BITS:
+        even, odd = _bf16_bits(even), _bf16_bits(odd)
+    else:
+        even, odd = even.to(out_ptr.dtype.element_ty), odd.to(out_ptr.dtype.element_ty)
+    tl.store(rows, even, mask=mask)
+    tl.store(rows + stride_ok, odd, mask=mask)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How one ``w4a_gemm`` launch tiles the work: any values valid for ``tl.dot`` run.
+    """How one ``w4a_gemm`` call does its work: any values valid for ``tl.dot`` run.
 
     ``split_k > 1`` spreads the K groups over programs that combine partial sums with
     fp32 atomics (output zero-initialised), for small M where M x N tiles are too few.
+    ``unpack``: how a program turns packed bytes into K rows (0: interleave the nibbles
+    in registers; 1: two half-group dots on the even and odd rows, x read at stride 2;
+    2: each byte row loaded twice, one nibble selected per row). ``dequant_matmul`` (16
+    bits only): dequantize the weight to x's dtype in one pass and hand the GEMM to
+    torch (cuBLAS), for the prefill's large M; the tiling fields are then unused.
     """
 
     block_m: int
@@ -175,10 +275,17 @@ class LaunchConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    unpack: int = 0
+    dequant_matmul: bool = False
 
 
-def launch_config(m: int, n: int, num_groups: int, device: torch.device) -> LaunchConfig:
-    """The default launch for the decode (M <= 16) or the prefill shape.
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def launch_config(m: int, n: int, num_groups: int, device: torch.device, bits: int = 16) -> LaunchConfig:
+    """The default for the decode (M <= 16) or the prefill shape at ``bits``.
 
     NOTE: untuned starting points (no GPU was available when this was written): decode
     aims at >= 2 programs per SM of an H100/H200 (132 SMs); ``bench/kernels.py --sweep``
@@ -187,9 +294,40 @@ def launch_config(m: int, n: int, num_groups: int, device: torch.device) -> Laun
     if m <= DECODE_MAX_M:
         block_n = 64
         n_tiles = triton.cdiv(n, block_n)
-        sms = 4 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
-        return LaunchConfig(16, block_n, max(1, min(num_groups, triton.cdiv(2 * sms, n_tiles))))
-    return LaunchConfig(64, 64)
+        return LaunchConfig(16, block_n, max(1, min(num_groups, triton.cdiv(2 * _sm_count(device), n_tiles))))
+    # Prefill at 16 bits: the fused kernel reached 72-122 TOP/s at M = 280 on an H200
+    # (cuBLAS bf16: ~540); one dequantizing pass plus cuBLAS moves 2.5 B/param more
+    # but runs at cuBLAS speed.
+    return LaunchConfig(64, 64, dequant_matmul=bits == 16)
+
+
+def dequantize_int4(
+    qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``K_pad x N`` weight in ``dtype``: q * s computed in fp32 and rounded once.
+
+    Bit-identical to ``dequantize_weight(qweight, scales, K_pad).t().to(dtype)``.
+    """
+    k_pad, n = 2 * qweight.shape[0], qweight.shape[1]
+    if qweight.stride(1) != 1 or scales.stride(1) != 1:
+        raise ValueError("qweight and scales must be contiguous along N")
+    out = torch.empty((k_pad, n), device=qweight.device, dtype=dtype)
+    bf16_bits = dtype == torch.bfloat16  # rounded by integer operations (see _bf16_bits)
+    block_n = 128
+    grid = (k_pad // group_size, triton.cdiv(n, block_n))
+    _dequantize_kernel[grid](
+        qweight,
+        scales,
+        out.view(torch.int16) if bf16_bits else out,
+        n,
+        qweight.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        GROUP=group_size,
+        BLOCK_N=block_n,
+        BF16_BITS=bf16_bits,
+    )
+    return out
 
 
 def w4a_gemm(
@@ -227,7 +365,13 @@ def w4a_gemm(
     if not (x.device == qweight.device == scales.device):
         raise ValueError("x, qweight and scales must be on the same device")
 
-    cfg = config or launch_config(m, n, k_pad // group_size, x.device)
+    cfg = config or launch_config(m, n, k_pad // group_size, x.device, bits)
+    if cfg.dequant_matmul:
+        if bits != 16:
+            raise ValueError(f"dequant_matmul serves 16-bit activations only, not {bits}")
+        return torch.matmul(x, dequantize_int4(qweight, scales, group_size, x.dtype)[:k]).float()
+    if cfg.unpack == 1 and bits < 16 and group_size < 64:
+        raise ValueError("unpack=1 splits a group in two int8 dots: NVIDIA needs K >= 32, so group_size >= 64")
     split = min(cfg.split_k, k_pad // group_size)
     out = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
@@ -252,6 +396,7 @@ def w4a_gemm(
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         SPLIT_K=split,
+        UNPACK=cfg.unpack,
         DOT_FP32=_interpreting() or x.dtype == torch.float32,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

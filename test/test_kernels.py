@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dyqvla_ros.kernels.int4 import pack_int4, quantize_activations, unpack_int4
-from dyqvla_ros.kernels.w4a_gemm import LaunchConfig, w4a_gemm, w4a_gemm_reference
+from dyqvla_ros.kernels.w4a_gemm import LaunchConfig, dequantize_int4, w4a_gemm, w4a_gemm_reference
+from dyqvla_ros.quant import dequantize_weight
 
 BITS = (2, 4, 8, 16)
 
@@ -84,12 +85,16 @@ def test_w4a_gemm_matches_reference(m, n, k, group, bits):
     assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("unpack", [0, 1, 2])
 @pytest.mark.parametrize("bits", BITS[:3])
-def test_integer_accumulators_are_bit_exact(bits):
-    """One group, no split: no fp32 reordering left, so any integer difference shows."""
+def test_integer_accumulators_are_bit_exact(bits, unpack):
+    """One group, no split: no fp32 reordering left, so any integer difference shows.
+
+    Every way of unpacking the nibbles (``LaunchConfig.unpack``) gives the same integers.
+    """
     qweight, scales = random_weights(128, 96, 128, seed=1)
     x = activations(5, 128, seed=2)
-    out = w4a_gemm(x, qweight, scales, bits, 128, config=LaunchConfig(16, 64, split_k=1))
+    out = w4a_gemm(x, qweight, scales, bits, 128, config=LaunchConfig(16, 64, split_k=1, unpack=unpack))
     assert torch.equal(out, w4a_gemm_reference(x, qweight, scales, bits, 128))
 
 
@@ -130,3 +135,38 @@ def test_wrapper_rejects_bad_shapes():
         w4a_gemm(torch.randn(2, 64), qweight, scales, 8, 64)
     with pytest.raises(ValueError, match="scales must be"):
         w4a_gemm(torch.randn(2, 128), qweight, scales[:1], 8, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_kernel_is_bit_identical_to_the_reference(dtype):
+    qweight, scales = random_weights(256, 200, 64, seed=7)
+    ours = dequantize_int4(qweight, scales, 64, dtype)
+    assert ours.dtype == dtype and ours.shape == (256, 200)
+    assert torch.equal(ours, dequantize_weight(qweight, scales, 256).t().to(dtype))
+
+
+def test_dequant_matmul_variant_serves_16_bits_only():
+    """The prefill's 16-bit variant: dequantize once, torch matmul; same function."""
+    qweight, scales = random_weights(200, 150, 64, seed=8)
+    x = activations(40, 200, seed=9)
+    variant = LaunchConfig(64, 64, dequant_matmul=True)
+    ref = w4a_gemm_reference(x, qweight, scales, 16, 64)
+    assert_close(
+        w4a_gemm(x, qweight, scales, 16, 64, config=variant),
+        ref,
+        rtol=1e-5,
+        atol=1e-5 * ref.abs().max().item(),
+    )
+    out = w4a_gemm(x.bfloat16(), qweight, scales, 16, 64, config=variant)
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-2  # bf16 weights and operands
+    with pytest.raises(ValueError, match="16-bit activations only"):
+        w4a_gemm(x, qweight, scales, 8, 64, config=variant)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@pytest.mark.parametrize("bits", BITS[:3])
+def test_activation_quantizer_is_the_same_on_cuda_and_cpu(bits):
+    """The reference's integers must not depend on the device (the kernel's are IEEE)."""
+    x = activations(300, 4096, seed=10).bfloat16().float()
+    for cpu, gpu in zip(quantize_activations(x, bits), quantize_activations(x.cuda(), bits), strict=True):
+        assert torch.equal(cpu, gpu.cpu())
