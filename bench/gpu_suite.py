@@ -75,6 +75,7 @@ def kernel_correctness(device: torch.device, dtype: torch.dtype) -> list[dict]:
         LaunchConfig(16, 64, 4, unpack=1),
         LaunchConfig(64, 64, unpack=2),
         LaunchConfig(64, 64, unpack=0),
+        LaunchConfig(1, 128, 8, gemv=True),
     ]
     rows, g = [], torch.Generator().manual_seed(0)
     for i, (m, k, n, group) in enumerate(shapes):
@@ -126,14 +127,20 @@ def bit_trace(rate_hz: float = 5.0) -> list[int]:
         return [controller.decide(step.motion).bits for step in control_steps(episode, rate_hz)]
 
 
-def time_steps(policy: VLAPolicy, frames: list[np.ndarray], bits_per_step: list[int], device) -> list[float]:
+def time_steps(
+    policy: VLAPolicy, frames: list[np.ndarray], bits_per_step: list[int], device
+) -> list[tuple[float, float]]:
+    """(prefill ms, decode ms) of each step, the device synchronised around each part."""
     times = []
     for i, bits in enumerate(bits_per_step):
         kernel_bench.sync(device)
         start = time.perf_counter()
-        policy.decode(policy.prefill(frames[i % len(frames)], INSTRUCTION), bits)
+        state = policy.prefill(frames[i % len(frames)], INSTRUCTION)
         kernel_bench.sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        middle = time.perf_counter()
+        policy.decode(state, bits)
+        kernel_bench.sync(device)
+        times.append(((middle - start) * 1e3, (time.perf_counter() - middle) * 1e3))
     return times
 
 
@@ -145,7 +152,8 @@ def run_mode(name: str, policy: VLAPolicy, graphs: bool, trace: list[int], steps
     status = policy.enable_cuda_graphs(tuple(sorted(set(trace))), max_cache_len=512) if graphs else False
     warm = 3
     bits = [trace[i % len(trace)] for i in range(warm + steps)]
-    times = time_steps(policy, frames, bits, device)[warm:]
+    parts = time_steps(policy, frames, bits, device)[warm:]
+    times = [prefill + decode for prefill, decode in parts]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return {
         "mode": name,
@@ -153,6 +161,8 @@ def run_mode(name: str, policy: VLAPolicy, graphs: bool, trace: list[int], steps
         "graph_status": policy.graph_status,
         "p50_ms": statistics.median(times),
         "p99_ms": float(np.percentile(times, 99)),
+        "prefill_p50_ms": statistics.median(p for p, _ in parts),
+        "decode_p50_ms": statistics.median(d for _, d in parts),
         "mean_bits": float(np.mean(bits[warm:])),
         "peak_gib": peak,
     }
@@ -269,7 +279,7 @@ def print_summary(data: dict) -> None:
         matches = extra["graph_tokens_match_eager"] or "n/a (no CUDA graphs here)"
         print(f"graph decode tokens == eager: {matches}")
         head = f"{'control step mode':<30}{'graphs':>7}{'p50 ms':>9}{'p99 ms':>9}{'speed-up':>10}"
-        print(f"{head}{'peak GiB':>10}")
+        print(f"{head}{'peak GiB':>10}{'prefill':>9}{'decode':>8}")
         for r in extra["control_step"]:
             if "skipped" in r:
                 print(f"{r['mode']:<30}{'yes' if r['graphs'] else 'no':>7}  skipped: {r['skipped']}")
@@ -277,6 +287,7 @@ def print_summary(data: dict) -> None:
             print(
                 f"{r['mode']:<30}{'yes' if r['graphs'] else 'no':>7}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                 f"{r.get('speedup_vs_hf_eager', float('nan')):>10.2f}{r['peak_gib']:>10.2f}"
+                f"{r['prefill_p50_ms']:>9.2f}{r['decode_p50_ms']:>8.2f}"
             )
         print(f"bit trace share: {extra['trace_share']}")
     for name in data["errors"]:

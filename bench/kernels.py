@@ -48,7 +48,11 @@ GROUP = 128
 # Alternatives to launch_config's defaults: (M, configurations tried at that M); the
 # dequant_matmul variant is timed at 16 bits only.
 SWEEP = [
-    (1, [LaunchConfig(16, bn, sk, unpack=u) for u in (0, 1, 2) for bn in (32, 64, 128) for sk in (8, 16)]),
+    (
+        1,
+        [LaunchConfig(1, bn, sk, gemv=True) for bn in (64, 128, 256) for sk in (4, 8, 16)]
+        + [LaunchConfig(16, bn, sk, unpack=u) for u in (0, 1, 2) for bn in (64, 128) for sk in (8, 16)],
+    ),
     (
         280,
         [LaunchConfig(64, 64, dequant_matmul=True)]
@@ -56,7 +60,7 @@ SWEEP = [
     ),
 ]
 QUICK_SWEEP = [
-    (1, [LaunchConfig(16, 32, 2, unpack=1)]),
+    (1, [LaunchConfig(16, 32, 2, unpack=1), LaunchConfig(16, 64, 2)]),
     (40, [LaunchConfig(32, 32, 1, 2, unpack=2), LaunchConfig(64, 64, dequant_matmul=True)]),
 ]
 
@@ -173,14 +177,23 @@ def print_sweep(rows: list[dict]) -> None:
         case = (r["layer"], r["M"], r["bits"])
         best[case] = min(best.get(case, float("inf")), r["ms"])
     print("launch sweep: bare w4a_gemm; config = BLOCK_M x BLOCK_N / split-K / warps / stages / unpack")
-    print("(or 'dequant+mm': dequantize to bf16, then torch.matmul)")
+    print(
+        "(or 'gemv BLOCK_N/split-K': the M = 1 kernel without tensor cores; "
+        "'dequant+mm': bf16 weight, then torch.matmul)"
+    )
     print(f"{'layer':<14}{'M':>5}{'bits':>6}  {'config':<20}{'ms':>9}{'ratio':>8}{'GB/s':>9}{'TOP/s':>8}")
     for r in timed:
         c = r["config"]
         text = (
             f"{c['block_m']}x{c['block_n']}/{c['split_k']}/{c['num_warps']}/{c['num_stages']}/{c['unpack']}"
         )
-        text = "dequant+mm" if c["dequant_matmul"] else text
+        text = (
+            "dequant+mm"
+            if c["dequant_matmul"]
+            else f"gemv {c['block_n']}/{c['split_k']}"
+            if c["gemv"]
+            else text
+        )
         mark = ("*" if r["default"] else " ") + (
             "<" if r["ms"] == best[(r["layer"], r["M"], r["bits"])] else " "
         )

@@ -17,8 +17,9 @@ scale is applied once per step to the exact int32 group accumulator.
 For 16-bit activations the same loop dots x with the INT4 values (exact in bf16) and
 scales the fp32 partial sum by s_w.
 
-Two launch shapes (``w4a_gemm`` picks one):
+Launch shapes (``launch_config`` picks one):
 
+* one token (M = 1): ``_w4a_gemv_kernel``, no tensor cores, split-K with fp32 atomics;
 * decode (M <= 16): BLOCK_M = 16 and split-K across programs, partial sums combined with
   fp32 atomics, so that a GEMV still fills the GPU;
 * prefill (M > 16, ~280 tokens): BLOCK_M = 64, no split, each program owns its tile;
@@ -56,11 +57,16 @@ def _rne(v):
 
 
 @triton.jit
+def _codes(x, scale, zero, BITS: tl.constexpr):
+    """Eq. 2 codes Q = clamp(round(x / s) + z, 0, 2^b - 1) as fp32 (s, z broadcast to x)."""
+    q = _rne(tl.math.div_rn(x.to(tl.float32), scale)) + zero
+    return tl.minimum(tl.maximum(q, 0.0), (1 << BITS) - 1)
+
+
+@triton.jit
 def _shifted_codes(x, scale, zero, BITS: tl.constexpr):
-    """Eq. 2 codes Q = clamp(round(x / s) + z, 0, 2^b - 1), shifted by -2^(b-1) into int8."""
-    q = _rne(tl.math.div_rn(x.to(tl.float32), scale[:, None])) + zero[:, None]
-    q = tl.minimum(tl.maximum(q, 0.0), (1 << BITS) - 1)
-    return (q - (1 << (BITS - 1))).to(tl.int8)
+    """Q - 2^(b-1) as int8, per row of x: the operand of the integer tensor-core dot."""
+    return (_codes(x, scale[:, None], zero[:, None], BITS) - (1 << (BITS - 1))).to(tl.int8)
 
 
 @triton.jit
@@ -209,6 +215,94 @@ def _w4a_gemm_kernel(
 
 
 @triton.jit
+def _w4a_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_sg,
+    stride_sn,
+    stride_om,
+    stride_on,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """One row of x against BLOCK_N columns, without tensor cores (decode, M = 1).
+
+    A 16-row MMA tile wastes 15/16 of its work on one token; here each weight element
+    meets its activation in one multiply-add and the K axis of a group is reduced once.
+    The integer path keeps the exact int32 group accumulator sum_k (Q_k - z) q_w[k, n]
+    (the same integer as the dot form); the fp32 sums differ from the MMA's only in order.
+    """
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, GROUP // 2)
+    mask_n = offs_n < N
+    x_row = x_ptr + row * stride_xm
+    w_cols = w_ptr + offs_n[None, :] * stride_wn
+
+    num_groups = tl.cdiv(K, GROUP)
+    groups_per_split = tl.cdiv(num_groups, SPLIT_K)
+    g_start = pid_k * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, num_groups)
+
+    if BITS < 16:
+        offs_g = tl.arange(0, GROUP)
+        low = tl.zeros([GROUP], dtype=tl.float32)  # elementwise running min / max
+        high = tl.zeros([GROUP], dtype=tl.float32)
+        for g in range(0, num_groups):
+            offs_k = g * GROUP + offs_g
+            x = tl.load(x_row + offs_k * stride_xk, mask=offs_k < K, other=0.0).to(tl.float32)
+            low = tl.minimum(low, x)
+            high = tl.maximum(high, x)
+        row_min = tl.min(low, axis=0)
+        row_max = tl.max(high, axis=0)
+        scale = tl.math.div_rn(row_max - row_min, tl.full([1], (1 << BITS) - 1, tl.float32))
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        zero = _rne(tl.math.div_rn(-row_min, scale))
+
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for g in range(g_start, g_end):
+        packed = tl.load(
+            w_cols + (g * (GROUP // 2) + offs_h)[:, None] * stride_wk, mask=mask_n[None, :], other=0
+        )
+        as_int8 = packed.to(tl.int8, bitcast=True)
+        w_even = (as_int8 << 4) >> 4
+        w_odd = as_int8 >> 4
+        k_even = g * GROUP + 2 * offs_h
+        x_even = tl.load(x_row + k_even * stride_xk, mask=k_even < K, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_row + (k_even + 1) * stride_xk, mask=k_even + 1 < K, other=0.0).to(tl.float32)
+        w_scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        if BITS == 16:
+            prod = x_even[:, None] * w_even.to(tl.float32) + x_odd[:, None] * w_odd.to(tl.float32)
+            part = tl.sum(prod, axis=0)
+        else:
+            d_even = (_codes(x_even, scale, zero, BITS) - zero).to(tl.int32)
+            d_odd = (_codes(x_odd, scale, zero, BITS) - zero).to(tl.int32)
+            prod = d_even[:, None] * w_even.to(tl.int32) + d_odd[:, None] * w_odd.to(tl.int32)
+            part = tl.sum(prod, axis=0).to(tl.float32)
+        acc += part * w_scale
+
+    if BITS < 16:
+        acc = acc * scale
+    out_ptrs = out_ptr + row * stride_om + offs_n * stride_on
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=mask_n)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask_n)
+
+
+@triton.jit
 def _bf16_bits(v):
     """fp32 -> bf16 bit pattern (int16), round-half-to-even, by integer operations.
 
@@ -268,6 +362,8 @@ class LaunchConfig:
     2: each byte row loaded twice, one nibble selected per row). ``dequant_matmul`` (16
     bits only): dequantize the weight to x's dtype in one pass and hand the GEMM to
     torch (cuBLAS), for the prefill's large M; the tiling fields are then unused.
+    ``gemv``: one program per row and BLOCK_N columns, no tensor cores (decode, M = 1);
+    ``block_m`` and ``unpack`` are unused.
     """
 
     block_m: int
@@ -277,6 +373,7 @@ class LaunchConfig:
     num_stages: int = 3
     unpack: int = 0
     dequant_matmul: bool = False
+    gemv: bool = False
 
 
 @functools.cache
@@ -291,6 +388,12 @@ def launch_config(m: int, n: int, num_groups: int, device: torch.device, bits: i
     aims at >= 2 programs per SM of an H100/H200 (132 SMs); ``bench/kernels.py --sweep``
     measures alternatives on the GPU.
     """
+    if m == 1:
+        # One token: the GEMV kernel, >= 4 programs per SM through split-K.
+        n_tiles = triton.cdiv(n, 128)
+        return LaunchConfig(
+            1, 128, max(1, min(num_groups, triton.cdiv(4 * _sm_count(device), n_tiles))), gemv=True
+        )
     if m <= DECODE_MAX_M:
         block_n = 64
         n_tiles = triton.cdiv(n, block_n)
@@ -371,9 +474,35 @@ def w4a_gemm(
             raise ValueError(f"dequant_matmul serves 16-bit activations only, not {bits}")
         return torch.matmul(x, dequantize_int4(qweight, scales, group_size, x.dtype)[:k]).float()
     if cfg.unpack == 1 and bits < 16 and group_size < 64:
-        raise ValueError("unpack=1 splits a group in two int8 dots: NVIDIA needs K >= 32, so group_size >= 64")
+        raise ValueError(
+            "unpack=1 splits a group in two int8 dots: NVIDIA needs K >= 32, so group_size >= 64"
+        )
     split = min(cfg.split_k, k_pad // group_size)
     out = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device, dtype=torch.float32)
+    if cfg.gemv:
+        _w4a_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, m)](
+            x,
+            qweight,
+            scales,
+            out,
+            n,
+            k,
+            x.stride(0),
+            x.stride(1),
+            qweight.stride(0),
+            qweight.stride(1),
+            scales.stride(0),
+            scales.stride(1),
+            out.stride(0),
+            out.stride(1),
+            BITS=bits,
+            GROUP=group_size,
+            BLOCK_N=cfg.block_n,
+            SPLIT_K=split,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        return out
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
     _w4a_gemm_kernel[grid](
         x,

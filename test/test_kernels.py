@@ -85,16 +85,21 @@ def test_w4a_gemm_matches_reference(m, n, k, group, bits):
     assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-@pytest.mark.parametrize("unpack", [0, 1, 2])
+@pytest.mark.parametrize(
+    "config",
+    [LaunchConfig(16, 64, unpack=u) for u in (0, 1, 2)] + [LaunchConfig(1, 64, gemv=True)],
+    ids=["interleave", "even-odd", "load-twice", "gemv"],
+)
 @pytest.mark.parametrize("bits", BITS[:3])
-def test_integer_accumulators_are_bit_exact(bits, unpack):
+def test_integer_accumulators_are_bit_exact(bits, config):
     """One group, no split: no fp32 reordering left, so any integer difference shows.
 
-    Every way of unpacking the nibbles (``LaunchConfig.unpack``) gives the same integers.
+    Every way of unpacking the nibbles (``LaunchConfig.unpack``) and the tensor-core-free
+    GEMV give the same integers.
     """
     qweight, scales = random_weights(128, 96, 128, seed=1)
     x = activations(5, 128, seed=2)
-    out = w4a_gemm(x, qweight, scales, bits, 128, config=LaunchConfig(16, 64, split_k=1, unpack=unpack))
+    out = w4a_gemm(x, qweight, scales, bits, 128, config=config)
     assert torch.equal(out, w4a_gemm_reference(x, qweight, scales, bits, 128))
 
 
