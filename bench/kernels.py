@@ -4,8 +4,9 @@ For each layer shape of the Llama-2-7B backbone (hidden 4096, MLP 11008) and
 M in {1, 16, 280} tokens, times every activation bit-width of ``QuantLinear`` and a
 bf16 ``torch.matmul`` on the same device, in the same run, and prints the ratio
 (bf16 time / ours: > 1 means faster than bf16), achieved weight GB/s at M = 1 and
-TOP/s at M = 280. On CUDA the Triton backend runs; on the CPU the reference backend
-(Triton's interpreter is far too slow for these shapes).
+TOP/s at M = 280. On CUDA the Triton backend runs; on the CPU the reference and the
+``cpu`` backend (torch built-ins), side by side (Triton's interpreter is far too slow
+for these shapes).
 
 ``--sweep`` (CUDA; under ``--quick`` also in the interpreter) times the bare ``w4a_gemm``
 kernel with other launch configurations (tiles, split-K, warps) beside the default
@@ -93,33 +94,36 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
 
 
 def run(linears: list[tuple[str, int, int]], ms: list[int], device: torch.device, reps: int) -> list[dict]:
+    """Every bit-width of QuantLinear beside bf16 ``nn.Linear``; on the CPU both CPU backends."""
     rows = []
+    backends = ["triton"] if device.type == "cuda" else ["reference", "cpu"]
     for name, k, n in linears:
         dense = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-        backend = "triton" if device.type == "cuda" else "reference"
-        layer = QuantLinear.from_linear(dense, GROUP, backend=backend)
-        weight_bytes = layer.qweight.numel() + layer.scales.numel() * 2
+        layers = {b: QuantLinear.from_linear(dense, GROUP, backend=b) for b in backends}
+        weight_bytes = layers[backends[0]].qweight.numel() + layers[backends[0]].scales.numel() * 2
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             with torch.no_grad():
                 base = time_ms(partial(dense, x), device, reps)
                 for bits in BITS:
-                    layer.precision.set(bits)
-                    ours = time_ms(partial(layer, x), device, reps)
-                    rows.append(
-                        {
-                            "layer": name,
-                            "K": k,
-                            "N": n,
-                            "M": m,
-                            "bits": bits,
-                            "ms": ours,
-                            "bf16_ms": base,
-                            "speedup_vs_bf16": base / ours,
-                            "weight_GBps": weight_bytes / (ours * 1e-3) / 1e9,
-                            "TOPps": 2 * m * k * n / (ours * 1e-3) / 1e12,
-                        }
-                    )
+                    for backend, layer in layers.items():
+                        layer.precision.set(bits)
+                        ours = time_ms(partial(layer, x), device, reps)
+                        rows.append(
+                            {
+                                "layer": name,
+                                "K": k,
+                                "N": n,
+                                "M": m,
+                                "bits": bits,
+                                "backend": backend,
+                                "ms": ours,
+                                "bf16_ms": base,
+                                "speedup_vs_bf16": base / ours,
+                                "weight_GBps": weight_bytes / (ours * 1e-3) / 1e9,
+                                "TOPps": 2 * m * k * n / (ours * 1e-3) / 1e12,
+                            }
+                        )
     return rows
 
 
@@ -207,10 +211,11 @@ def print_sweep(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict], device: str) -> None:
     print(f"device: {device}; ratio = bf16 matmul time / W4A<bits> time (same run)")
-    print(f"{'layer':<14}{'M':>5}{'bits':>6}{'ms':>10}{'bf16 ms':>10}{'ratio':>8}{'GB/s':>9}{'TOP/s':>8}")
+    head = f"{'layer':<14}{'M':>5}{'bits':>6}{'backend':>10}{'ms':>10}{'bf16 ms':>10}"
+    print(f"{head}{'ratio':>8}{'GB/s':>9}{'TOP/s':>8}")
     for r in rows:
         print(
-            f"{r['layer']:<14}{r['M']:>5}{r['bits']:>6}{r['ms']:>10.3f}{r['bf16_ms']:>10.3f}"
+            f"{r['layer']:<14}{r['M']:>5}{r['bits']:>6}{r['backend']:>10}{r['ms']:>10.3f}{r['bf16_ms']:>10.3f}"
             f"{r['speedup_vs_bf16']:>8.2f}{r['weight_GBps']:>9.1f}{r['TOPps']:>8.2f}"
         )
 

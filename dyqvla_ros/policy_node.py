@@ -428,7 +428,7 @@ class PolicyNode(Node):
         values = {
             "model": self.model_path,
             "device": self.device,
-            "backend": "triton" if self.device == "cuda" else "reference",
+            "backend": "triton" if self.device == "cuda" else "reference; cpu built-ins for large prefills",
             "precision_mode": self.params.precision_mode,
             "active_bits": self.policy.active_bits(),
             **{f"share_{b}bit": f"{shares[b]:.3f}" for b in (2, 4, 8, 16)},

@@ -14,9 +14,14 @@ Weight layout (see ``dyqvla_ros.kernels.int4.pack_int4``): ``qweight`` is
 with zero rows to a multiple of the group size); ``scales`` is ``(K_pad // G) x N``
 fp16. Memory: 0.5 + 2 / G bytes per weight (0.516 at G = 128).
 
-Backends: ``triton`` (CUDA, or the CPU under TRITON_INTERPRET=1) and ``reference``
-(plain PyTorch, the integer semantics every backend reproduces). ``auto`` picks triton
-on CUDA and the reference elsewhere.
+Backends: ``triton`` (CUDA, or the CPU under TRITON_INTERPRET=1), ``cpu`` (torch
+built-ins: per-group ``torch._int_mm`` for the integer paths, dequantize + ``matmul``
+at 16 bits; ``dyqvla_ros.kernels.w4a_cpu``) and ``reference`` (plain PyTorch, the
+integer semantics every backend reproduces). ``auto`` picks triton on CUDA; on the CPU
+it picks ``cpu`` where it was measured to help -- more than 16 rows through a layer of
+at least 2^20 weights (OpenVLA-7B shapes, M = 280: 1.5x faster at 16 bits, 2.3x below;
+BENCHMARKS.md) -- and the reference otherwise (at M <= 16 both unpack the whole weight
+per call and the reference is 1.2-1.4x faster; at the tiny model's shapes they tie).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dyqvla_ros.kernels.int4 import INT4_MAX, INT4_MIN, pack_int4, unpack_int4
+from dyqvla_ros.kernels.w4a_cpu import w4a_gemm_cpu
 from dyqvla_ros.kernels.w4a_gemm import SUPPORTED_BITS, w4a_gemm, w4a_gemm_reference
 
 log = logging.getLogger(__name__)
@@ -48,7 +54,12 @@ FORMAT_VERSION = 1
 class Backend(enum.StrEnum):
     AUTO = "auto"
     TRITON = "triton"
+    CPU = "cpu"
     REFERENCE = "reference"
+
+
+CPU_FAST_MIN_ROWS = 17  # rows (tokens) from which auto uses the cpu backend ...
+CPU_FAST_MIN_WEIGHTS = 1 << 20  # ... for layers of at least this many weights
 
 
 def _check_bits(bits: int) -> int:
@@ -164,18 +175,22 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend is Backend.AUTO:
-            return x.is_cuda
-        return self.backend is Backend.TRITON
+    def backend_for(self, flat: torch.Tensor) -> Backend:
+        """The backend that runs ``flat`` (rows x in_features): the chosen one, or auto's pick."""
+        if self.backend is not Backend.AUTO:
+            return self.backend
+        if flat.is_cuda:
+            return Backend.TRITON
+        big = self.in_features * self.out_features >= CPU_FAST_MIN_WEIGHTS
+        return Backend.CPU if big and flat.shape[0] >= CPU_FAST_MIN_ROWS else Backend.REFERENCE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.precision.bits
         flat = x.reshape(-1, self.in_features)
-        if self._use_triton(x):
-            out = w4a_gemm(flat, self.qweight, self.scales, bits, self.group_size)
-        else:
-            out = w4a_gemm_reference(flat, self.qweight, self.scales, bits, self.group_size)
+        gemm = {Backend.TRITON: w4a_gemm, Backend.CPU: w4a_gemm_cpu}.get(
+            self.backend_for(flat), w4a_gemm_reference
+        )
+        out = gemm(flat, self.qweight, self.scales, bits, self.group_size)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -246,7 +261,7 @@ def quantize_model(
         skip: fnmatch patterns of module names left in full precision (lm_head by default).
         include: fnmatch patterns of module names to quantize instead of the default
             "every linear of the language model" (e.g. ``["vision_backbone.*"]``).
-        backend: ``auto``, ``triton`` or ``reference``.
+        backend: ``auto``, ``triton``, ``cpu`` or ``reference``.
     """
     _check_group_size(group_size)
     backend = Backend(backend)

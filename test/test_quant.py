@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dyqvla_ros.quant import (
+    Backend,
     QuantLinear,
     activation_bits,
     dequantize_weight,
@@ -130,16 +131,52 @@ def test_switching_bits_changes_outputs_without_touching_weights():
         set_activation_bits(Toy(), 8)
 
 
-def test_triton_and_reference_backends_agree():
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_backends_agree_with_the_reference(backend):
     torch.manual_seed(1)
     linear = nn.Linear(256, 96)  # small enough for the interpreter
     x = torch.randn(3, 256)
     ref = QuantLinear.from_linear(linear, 64, backend="reference")
-    tri = QuantLinear.from_linear(linear, 64, backend="triton")
+    ours = QuantLinear.from_linear(linear, 64, backend=backend)
     for bits in (2, 4, 8, 16):
         ref.precision.set(bits)
-        tri.precision.set(bits)
-        torch.testing.assert_close(tri(x), ref(x), rtol=1e-5, atol=1e-5)
+        ours.precision.set(bits)
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_cpu_backend_integer_accumulators_are_bit_exact(bits):
+    """One weight group: the int32 accumulator from torch._int_mm is the reference's."""
+    torch.manual_seed(2)
+    linear = nn.Linear(128, 40, bias=False)
+    x = torch.randn(5, 128) * (1 + 20 * (torch.rand(128) > 0.9))  # outlier channels
+    ref = QuantLinear.from_linear(linear, 128, backend="reference")
+    ours = QuantLinear.from_linear(linear, 128, backend="cpu")
+    ref.precision.set(bits)
+    ours.precision.set(bits)
+    assert torch.equal(ours(x), ref(x))
+
+
+def test_cpu_backend_bf16_activations_within_bf16_rounding():
+    torch.manual_seed(3)
+    linear = nn.Linear(256, 64)
+    x = torch.randn(20, 256).bfloat16()
+    ref = QuantLinear.from_linear(linear, 128, backend="reference")(x.float())
+    ours = QuantLinear.from_linear(linear, 128, backend="cpu")(x)
+    assert ours.dtype == torch.bfloat16
+    assert ((ours.float() - ref).abs().max() / ref.abs().max()).item() < 1e-2
+
+
+def test_auto_backend_uses_cpu_built_ins_only_where_they_measured_faster():
+    small = QuantLinear.from_linear(nn.Linear(64, 128), 32)
+    big = QuantLinear.shaped_like(nn.Linear(1024, 1024, device="meta"), 128, device="cpu")
+    assert small.backend_for(torch.zeros(280, 64)) is Backend.REFERENCE  # tiny shapes: a tie
+    assert big.backend_for(torch.zeros(16, 1024)) is Backend.REFERENCE  # decode: the reference is faster
+    assert big.backend_for(torch.zeros(17, 1024)) is Backend.CPU  # prefill of a 2^20-weight layer
+    assert (
+        QuantLinear.from_linear(nn.Linear(64, 128), 32, backend="cpu").backend_for(torch.zeros(1, 64))
+        is Backend.CPU
+    )
 
 
 def test_weight_bytes_by_dtype():
