@@ -57,6 +57,14 @@ def _rne(v):
 
 
 @triton.jit
+def _split_groups(num_groups, pid_k, SPLIT_K: tl.constexpr):
+    """The weight groups [start, end) that split ``pid_k`` of SPLIT_K sums up."""
+    per_split = tl.cdiv(num_groups, SPLIT_K)
+    start = pid_k * per_split
+    return start, tl.minimum(start + per_split, num_groups)
+
+
+@triton.jit
 def _codes(x, scale, zero, BITS: tl.constexpr):
     """Eq. 2 codes Q = clamp(round(x / s) + z, 0, 2^b - 1) as fp32 (s, z broadcast to x)."""
     q = _rne(tl.math.div_rn(x.to(tl.float32), scale)) + zero
@@ -130,9 +138,7 @@ def _w4a_gemm_kernel(
     w_cols = w_ptr + offs_n[None, :] * stride_wn
 
     num_groups = tl.cdiv(K, GROUP)
-    groups_per_split = tl.cdiv(num_groups, SPLIT_K)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
+    g_start, g_end = _split_groups(num_groups, pid_k, SPLIT_K)
 
     if BITS < 16:
         # Per-token range over the whole row (every split needs the same s and z).
@@ -252,9 +258,7 @@ def _w4a_gemv_kernel(
     w_cols = w_ptr + offs_n[None, :] * stride_wn
 
     num_groups = tl.cdiv(K, GROUP)
-    groups_per_split = tl.cdiv(num_groups, SPLIT_K)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, num_groups)
+    g_start, g_end = _split_groups(num_groups, pid_k, SPLIT_K)
 
     if BITS < 16:
         offs_g = tl.arange(0, GROUP)
