@@ -386,11 +386,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def launch_config(m: int, n: int, num_groups: int, device: torch.device, bits: int = 16) -> LaunchConfig:
-    """The default for the decode (M <= 16) or the prefill shape at ``bits``.
+    """The default for one token, the decode (M <= 16) or the prefill shape at ``bits``.
 
-    NOTE: untuned starting points (no GPU was available when this was written): decode
-    aims at >= 2 programs per SM of an H100/H200 (132 SMs); ``bench/kernels.py --sweep``
-    measures alternatives on the GPU.
+    Measured on an H200 (BENCHMARKS.md, ``bench/gpu_suite.py``'s sweep): at M = 1 a GEMV
+    configuration is the fastest in 4 of 6 layer/bit cases and within 7 % in a fifth (the
+    exception, down_proj (K = 11008) at 16 bits, ran 2x faster as a 16x64 dot with split
+    16 and the even/odd unpack); at M = 280 and 16 bits, dequantize + cuBLAS ran 0.96-2.0x
+    as fast as the best fused configuration. The sweep is noisy, so these stay as measured
+    until a re-run confirms the candidates it lists.
     """
     if m == 1:
         # One token: the GEMV kernel, >= 4 programs per SM through split-K.
@@ -402,9 +405,8 @@ def launch_config(m: int, n: int, num_groups: int, device: torch.device, bits: i
         block_n = 64
         n_tiles = triton.cdiv(n, block_n)
         return LaunchConfig(16, block_n, max(1, min(num_groups, triton.cdiv(2 * _sm_count(device), n_tiles))))
-    # Prefill at 16 bits: the fused kernel reached 72-122 TOP/s at M = 280 on an H200
-    # (cuBLAS bf16: ~540); one dequantizing pass plus cuBLAS moves 2.5 B/param more
-    # but runs at cuBLAS speed.
+    # Prefill at 16 bits: one dequantizing pass (2.5 B/param more traffic) lets cuBLAS
+    # do the GEMM; below 16 bits the fused int8 kernel (17-31 TOP/s on an H200).
     return LaunchConfig(64, 64, dequant_matmul=bits == 16)
 
 
