@@ -195,7 +195,8 @@ def end_to_end(device: torch.device, steps: int, deadline: float) -> dict:
                 run_mode(name, VLAPolicy(loaded, restrict_to_actions=True), graphs, bits, steps, device)
             )
         print(
-            f"[{time.strftime('%H:%M:%S')}] control step: {name}{' + graphs' if graphs else ''}", flush=True
+            f"[{time.strftime('%H:%M:%S')}] control step: {name} ({'graphs' if graphs else 'eager'})",
+            flush=True,
         )
 
     mode("HF-eager BF16", False, [16])

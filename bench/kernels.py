@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from dyqvla_ros.kernels.w4a_gemm import LaunchConfig, launch_config, w4a_gemm
-from dyqvla_ros.quant import QuantLinear
+from dyqvla_ros.quant import QuantLinear, weight_bytes
 
 # (name, in_features K, out_features N) of one Llama-2-7B decoder layer.
 LLAMA7B_LINEARS = [
@@ -93,6 +93,16 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     return statistics.median(samples)
 
 
+def rates(ms: float, bf16_ms: float, layer: QuantLinear, m: int) -> dict:
+    """A timing's ratio to bf16, weight GB/s and TOP/s for ``m`` rows through ``layer``."""
+    return {
+        "ms": ms,
+        "speedup_vs_bf16": bf16_ms / ms,
+        "weight_GBps": weight_bytes(layer)["total"] / (ms * 1e-3) / 1e9,
+        "TOPps": 2 * m * layer.in_features * layer.out_features / (ms * 1e-3) / 1e12,
+    }
+
+
 def run(linears: list[tuple[str, int, int]], ms: list[int], device: torch.device, reps: int) -> list[dict]:
     """Every bit-width of QuantLinear beside bf16 ``nn.Linear``; on the CPU both CPU backends."""
     rows = []
@@ -100,7 +110,6 @@ def run(linears: list[tuple[str, int, int]], ms: list[int], device: torch.device
     for name, k, n in linears:
         dense = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
         layers = {b: QuantLinear.from_linear(dense, GROUP, backend=b) for b in backends}
-        weight_bytes = layers[backends[0]].qweight.numel() + layers[backends[0]].scales.numel() * 2
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             with torch.no_grad():
@@ -117,11 +126,8 @@ def run(linears: list[tuple[str, int, int]], ms: list[int], device: torch.device
                                 "M": m,
                                 "bits": bits,
                                 "backend": backend,
-                                "ms": ours,
                                 "bf16_ms": base,
-                                "speedup_vs_bf16": base / ours,
-                                "weight_GBps": weight_bytes / (ours * 1e-3) / 1e9,
-                                "TOPps": 2 * m * k * n / (ours * 1e-3) / 1e12,
+                                **rates(ours, base, layer, m),
                             }
                         )
     return rows
@@ -143,7 +149,6 @@ def sweep(
     for name, k, n in linears:
         dense = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
         layer = QuantLinear.from_linear(dense, GROUP, backend="triton")
-        weight_bytes = layer.qweight.numel() + layer.scales.numel() * 2
         for m, configs in plan:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             with torch.no_grad():
@@ -164,13 +169,19 @@ def sweep(
                                 "bits": bits,
                                 "config": asdict(cfg),
                                 "default": cfg == default,
-                                "ms": ms,
-                                "speedup_vs_bf16": base / ms,
-                                "weight_GBps": weight_bytes / (ms * 1e-3) / 1e9,
-                                "TOPps": 2 * m * k * n / (ms * 1e-3) / 1e12,
+                                **rates(ms, base, layer, m),
                             }
                         )
     return rows
+
+
+def config_text(c: dict) -> str:
+    """A LaunchConfig (as a dict) in the sweep table's notation."""
+    if c["dequant_matmul"]:
+        return "dequant+mm"
+    if c["gemv"]:
+        return f"gemv {c['block_n']}/{c['split_k']}"
+    return f"{c['block_m']}x{c['block_n']}/{c['split_k']}/{c['num_warps']}/{c['num_stages']}/{c['unpack']}"
 
 
 def print_sweep(rows: list[dict]) -> None:
@@ -187,17 +198,7 @@ def print_sweep(rows: list[dict]) -> None:
     )
     print(f"{'layer':<14}{'M':>5}{'bits':>6}  {'config':<20}{'ms':>9}{'ratio':>8}{'GB/s':>9}{'TOP/s':>8}")
     for r in timed:
-        c = r["config"]
-        text = (
-            f"{c['block_m']}x{c['block_n']}/{c['split_k']}/{c['num_warps']}/{c['num_stages']}/{c['unpack']}"
-        )
-        text = (
-            "dequant+mm"
-            if c["dequant_matmul"]
-            else f"gemv {c['block_n']}/{c['split_k']}"
-            if c["gemv"]
-            else text
-        )
+        text = config_text(r["config"])
         mark = ("*" if r["default"] else " ") + (
             "<" if r["ms"] == best[(r["layer"], r["M"], r["bits"])] else " "
         )

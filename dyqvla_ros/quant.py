@@ -19,9 +19,9 @@ built-ins: per-group ``torch._int_mm`` for the integer paths, dequantize + ``mat
 at 16 bits; ``dyqvla_ros.kernels.w4a_cpu``) and ``reference`` (plain PyTorch, the
 integer semantics every backend reproduces). ``auto`` picks triton on CUDA; on the CPU
 it picks ``cpu`` where it was measured to help -- more than 16 rows through a layer of
-at least 2^20 weights (OpenVLA-7B shapes, M = 280: 1.5x faster at 16 bits, 2.3x below;
-BENCHMARKS.md) -- and the reference otherwise (at M <= 16 both unpack the whole weight
-per call and the reference is 1.2-1.4x faster; at the tiny model's shapes they tie).
+at least 2^20 weights (OpenVLA-7B shapes, M = 280: 2.1-3.4x faster; BENCHMARKS.md) --
+and the reference otherwise (at M <= 16 both unpack the whole weight per call and the
+reference was 1.3-2.3x faster; at the tiny model's shapes they tie).
 """
 
 from __future__ import annotations
@@ -40,9 +40,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dyqvla_ros.kernels.int4 import INT4_MAX, INT4_MIN, pack_int4, unpack_int4
+from dyqvla_ros.kernels.int4 import INT4_MAX, INT4_MIN, pack_int4
 from dyqvla_ros.kernels.w4a_cpu import w4a_gemm_cpu
-from dyqvla_ros.kernels.w4a_gemm import SUPPORTED_BITS, w4a_gemm, w4a_gemm_reference
+from dyqvla_ros.kernels.w4a_gemm import (
+    SUPPORTED_BITS,
+    dequantize_int4_reference,
+    w4a_gemm,
+    w4a_gemm_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ class Backend(enum.StrEnum):
     REFERENCE = "reference"
 
 
+_GEMMS = {Backend.TRITON: w4a_gemm, Backend.CPU: w4a_gemm_cpu, Backend.REFERENCE: w4a_gemm_reference}
 CPU_FAST_MIN_ROWS = 17  # rows (tokens) from which auto uses the cpu backend ...
 CPU_FAST_MIN_WEIGHTS = 1 << 20  # ... for layers of at least this many weights
 
@@ -103,10 +109,8 @@ def quantize_weight(weight: torch.Tensor, group_size: int = 128) -> tuple[torch.
 
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, in_features: int) -> torch.Tensor:
     """Inverse of ``quantize_weight`` up to rounding: N x K fp32."""
-    q = unpack_int4(qweight).float()
-    group_size = q.shape[0] // scales.shape[0]
-    w = q.view(scales.shape[0], group_size, -1) * scales.float()[:, None, :]
-    return w.view(q.shape[0], -1)[:in_features].t()
+    group_size = 2 * qweight.shape[0] // scales.shape[0]
+    return dequantize_int4_reference(qweight, scales, group_size)[:in_features].t()
 
 
 class QuantLinear(nn.Module):
@@ -187,10 +191,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.precision.bits
         flat = x.reshape(-1, self.in_features)
-        gemm = {Backend.TRITON: w4a_gemm, Backend.CPU: w4a_gemm_cpu}.get(
-            self.backend_for(flat), w4a_gemm_reference
-        )
-        out = gemm(flat, self.qweight, self.scales, bits, self.group_size)
+        out = _GEMMS[self.backend_for(flat)](flat, self.qweight, self.scales, bits, self.group_size)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from dyqvla_ros.kernels.int4 import quantize_activations, unpack_int4
-from dyqvla_ros.kernels.w4a_gemm import SUPPORTED_BITS
+from dyqvla_ros.kernels.w4a_gemm import SUPPORTED_BITS, dequantize_int4_reference
 
 
 def w4a_gemm_cpu(
@@ -33,22 +33,23 @@ def w4a_gemm_cpu(
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     m, k = x.shape
+    if bits == 16:
+        dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        dense = dequantize_int4_reference(qweight, scales, group_size, dtype)
+        return torch.matmul(x.to(dtype), dense[:k]).float()
     w = unpack_int4(qweight)  # K_pad x N int8, this call only
     k_pad, n = w.shape
     groups = k_pad // group_size
-    if bits == 16:
-        dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        dense = (w.view(groups, group_size, n).float() * scales.float()[:, None, :]).to(dtype)
-        return torch.matmul(x.to(dtype), dense.view(k_pad, n)[:k]).float()
     q, scale, zero = quantize_activations(torch.nn.functional.pad(x.float(), (0, k_pad - k)), bits)
     half = 1 << (bits - 1)
     codes = (q - half).to(torch.int8)  # in [-128, 127] for every b <= 8
     offset = (half - zero).to(torch.int32)[:, None]
     w_t = w.t().contiguous()  # N x K_pad: _int_mm's fast operand is a transposed row-major matrix
     colsum = w.view(groups, group_size, n).sum(dim=1, dtype=torch.int32)
+    group_scales = scales.float()
     out = torch.zeros(m, n)
     for g in range(groups):
         part = slice(g * group_size, (g + 1) * group_size)
         acc = torch._int_mm(codes[:, part], w_t[:, part].t()) + offset * colsum[g]
-        out.add_(acc.float() * scales[g].float())
+        out.add_(acc.float() * group_scales[g])
     return out * scale[:, None]

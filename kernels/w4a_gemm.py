@@ -226,6 +226,7 @@ def _w4a_gemv_kernel(
     w_ptr,
     s_ptr,
     out_ptr,
+    M,  # unused: one program row per x row; kept so both kernels take the same operands
     N,
     K,
     stride_xm,
@@ -415,7 +416,7 @@ def dequantize_int4(
 ) -> torch.Tensor:
     """``K_pad x N`` weight in ``dtype``: q * s computed in fp32 and rounded once.
 
-    Bit-identical to ``dequantize_weight(qweight, scales, K_pad).t().to(dtype)``.
+    Bit-identical to ``dequantize_int4_reference``.
     """
     k_pad, n = 2 * qweight.shape[0], qweight.shape[1]
     if qweight.stride(1) != 1 or scales.stride(1) != 1:
@@ -437,6 +438,15 @@ def dequantize_int4(
         BF16_BITS=bf16_bits,
     )
     return out
+
+
+def dequantize_int4_reference(
+    qweight: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """PyTorch reference of ``dequantize_int4``: ``K_pad x N``, q * s in fp32, then ``dtype``."""
+    q = unpack_int4(qweight).float()
+    groups = q.shape[0] // group_size
+    return (q.view(groups, group_size, -1) * scales.float()[:, None, :]).view(q.shape).to(dtype)
 
 
 def w4a_gemm(
@@ -485,32 +495,7 @@ def w4a_gemm(
         )
     split = min(cfg.split_k, k_pad // group_size)
     out = (torch.zeros if split > 1 else torch.empty)((m, n), device=x.device, dtype=torch.float32)
-    if cfg.gemv:
-        _w4a_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, m)](
-            x,
-            qweight,
-            scales,
-            out,
-            n,
-            k,
-            x.stride(0),
-            x.stride(1),
-            qweight.stride(0),
-            qweight.stride(1),
-            scales.stride(0),
-            scales.stride(1),
-            out.stride(0),
-            out.stride(1),
-            BITS=bits,
-            GROUP=group_size,
-            BLOCK_N=cfg.block_n,
-            SPLIT_K=split,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        return out
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-    _w4a_gemm_kernel[grid](
+    operands = (
         x,
         qweight,
         scales,
@@ -518,24 +503,30 @@ def w4a_gemm(
         m,
         n,
         k,
-        x.stride(0),
-        x.stride(1),
-        qweight.stride(0),
-        qweight.stride(1),
-        scales.stride(0),
-        scales.stride(1),
-        out.stride(0),
-        out.stride(1),
-        BITS=bits,
-        GROUP=group_size,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        SPLIT_K=split,
-        UNPACK=cfg.unpack,
-        DOT_FP32=_interpreting() or x.dtype == torch.float32,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        *x.stride(),
+        *qweight.stride(),
+        *scales.stride(),
+        *out.stride(),
     )
+    shared = {
+        "BITS": bits,
+        "GROUP": group_size,
+        "BLOCK_N": cfg.block_n,
+        "SPLIT_K": split,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+    if cfg.gemv:
+        _w4a_gemv_kernel[(triton.cdiv(n, cfg.block_n), split, m)](*operands, **shared)
+    else:
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+        _w4a_gemm_kernel[grid](
+            *operands,
+            BLOCK_M=cfg.block_m,
+            UNPACK=cfg.unpack,
+            DOT_FP32=_interpreting() or x.dtype == torch.float32,
+            **shared,
+        )
     return out
 
 
