@@ -12,7 +12,7 @@ mujoco = pytest.importorskip("mujoco", reason="mujoco is not installed")
 from dyqvla_ros.bags.store import deserialize, iter_messages, typestore  # noqa: E402
 from dyqvla_ros.profiling import control_steps, read_episodes  # noqa: E402
 from dyqvla_ros.sim.collect import collect  # noqa: E402
-from dyqvla_ros.sim.env import TabletopEnv  # noqa: E402
+from dyqvla_ros.sim.env import TabletopEnv, camera_pixels  # noqa: E402
 from dyqvla_ros.sim.expert import (  # noqa: E402
     COARSE_STEP,
     FINE_STEP,
@@ -77,6 +77,23 @@ def test_camera_renders_the_scene():
     assert image.std() > 10  # not a blank frame
 
 
+def test_camera_pixels_land_on_the_rendered_cube():
+    """The projection training uses to find an object's patches matches the render: the
+    red cube's centre projects within 3 px of the red pixels' centroid, at 128 and 64 px."""
+    reason = _renderer_available()
+    if reason:
+        pytest.skip(reason)
+    for size in (128, 64):
+        env = TabletopEnv(render_size=size)
+        for seed in (100000, 100002):
+            image = env.reset(seed).image.astype(int)
+            red = (image[..., 0] > 120) & (image[..., 1] < 80) & (image[..., 2] < 80)
+            rows, cols = np.nonzero(red)
+            u, v = camera_pixels(env.model, env.cube_pose("red")[0], size)
+            tolerance = 3 * size / 128
+            assert abs(u - (cols.mean() + 0.5)) < tolerance and abs(v - (rows.mean() + 0.5)) < tolerance
+
+
 def test_collect_writes_the_node_topics_and_expert_actions(tmp_path):
     reason = _renderer_available()
     if reason:
@@ -138,6 +155,26 @@ def test_collect_noise_keeps_clean_labels(tmp_path):
     assert not np.array_equal(first[1], first_noisy[1])  # the executed noise moved the state
     with pytest.raises(ValueError, match="noise"):
         collect(tmp_path / "bad", episodes=1, noise=-1.0)
+    with pytest.raises(ValueError, match="coarse noise"):
+        collect(tmp_path / "bad", episodes=1, coarse_noise=-0.5)
+
+
+def test_coarse_noise_moves_only_coarse_steps(tmp_path):
+    """Relative noise in the coarse phases: a coarse step is executed off its label, the
+    labels stay the expert's, and the expert still finishes the episode."""
+    reason = _renderer_available()
+    if reason:
+        pytest.skip(reason)
+    summary = collect(tmp_path / "kicked", episodes=1, seed=3, size=32, coarse_noise=0.5)
+    assert summary["successes"] == 1
+    store = typestore()
+    poses = [deserialize(store, m).pose.position for m in iter_messages(tmp_path / "kicked", ["/ee_pose"])]
+    labels = [deserialize(store, m).data for m in iter_messages(tmp_path / "kicked", ["/expert_action"])]
+    # the second step (the first starts while the hand settles): a 4 cm move executed with
+    # noise of ~2 cm per axis (without noise the hand moves by the label to 1e-7 m)
+    moved = np.array([poses[2].x - poses[1].x, poses[2].y - poses[1].y, poses[2].z - poses[1].z])
+    assert np.linalg.norm(moved - labels[1][:3]) > 0.005
+    assert max(abs(a[2]) for a in labels) <= 0.04 + 1e-6  # labels are the expert's capped steps
 
 
 def test_snapshot_restore_replays_an_episode_exactly():

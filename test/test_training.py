@@ -25,6 +25,7 @@ from dyqvla_ros.training import (
     BehaviourCloning,
     action_statistics,
     load_samples,
+    patch_blocks,
 )
 
 
@@ -86,6 +87,20 @@ def test_batched_loss_equals_the_mean_of_single_sample_losses(expert_bag):
     assert float(batch) == pytest.approx(float(sum(single)) / 2, rel=1e-5)
 
 
+def test_token_noise_corrupts_only_the_teacher_forced_inputs(expert_bag):
+    """With token noise the inputs after the prompt are random action tokens (the labels
+    stay), so the batch loss changes; without augmentation (evaluation) it is the clean one."""
+    samples = load_samples([expert_bag])[:4]
+    run = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, shift=0, token_noise=1.0)
+    run.model.eval()
+    clean = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, shift=0)
+    clean.model.eval()
+    batch = np.arange(4)
+    with torch.no_grad():
+        assert float(run.loss(batch, augment=False)) == pytest.approx(float(clean.loss(batch, augment=False)))
+        assert float(run.loss(batch)) != pytest.approx(float(clean.loss(batch)), rel=1e-4)
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth(expert_bag):
     run = BehaviourCloning(
         load_openvla(ensure_tiny_openvla()),
@@ -107,21 +122,46 @@ def test_random_shift_moves_frames_within_bounds(expert_bag):
         load_openvla(ensure_tiny_openvla()), load_samples([expert_bag])[:4], 1e-3, 0, shift=4
     )
     frames = run.frames[:4]
-    shifted = run._augment(frames)
+    shifted, moved = run._augment(frames)
     assert shifted.shape == frames.shape and shifted.dtype == torch.uint8
     assert not torch.equal(shifted, frames)
-    # interior pixels are the originals moved by at most 4 px: some offset reproduces them
-    inner = frames[0, 8:-8, 8:-8]
-    assert any(
-        torch.equal(shifted[0, 8 + dy : 8 + dy + inner.shape[0], 8 + dx : 8 + dx + inner.shape[1]], inner)
-        for dy in range(-4, 5)
-        for dx in range(-4, 5)
+    # interior pixels are the originals moved by the reported (right, down) offset
+    assert moved.shape == (4, 2) and moved.abs().max() <= 4
+    for k in range(4):
+        dx, dy = (int(v) for v in moved[k])
+        inner = frames[k, 8:-8, 8:-8]
+        h, w = inner.shape[:2]
+        assert torch.equal(shifted[k, 8 + dy : 8 + dy + h, 8 + dx : 8 + dx + w], inner)
+
+
+def test_patch_blocks_are_the_four_patches_around_a_point():
+    mask, inside = patch_blocks(torch.tensor([[20.0, 40.0], [2.0, 2.0], [-1.0, 5.0]]), patch=16, grid=4)
+    grid = mask.reshape(3, 4, 4)  # (point, row, column)
+    assert grid[0].nonzero().tolist() == [[2, 0], [2, 1], [3, 0], [3, 1]]  # at (0.75, 2.0) patch centres
+    assert grid[1].nonzero().tolist() == [[0, 0]]  # corner: the block is clipped to the image
+    assert inside.tolist() == [True, True, False]
+
+
+def test_attention_supervision_points_heads_at_the_instructed_objects(expert_bag):
+    """The supervised heads learn to look at the instructed cube, target zone and hand
+    (the loss is -log of their attention mass there), and the supervision needs /ee_pose."""
+    torch.manual_seed(0)
+    samples = load_samples([expert_bag])[:8]
+    assert all(s.hand is not None and s.hand.shape == (3,) for s in samples)
+    run = BehaviourCloning(
+        load_openvla(ensure_tiny_openvla()), samples, 3e-3, 0, total_steps=40, shift=2, attention_weight=1.0
     )
+    attention = [run.train_step(8)[2] for _ in range(40)]
+    assert attention[0] > 1.0  # about uniform over the image at first
+    assert attention[-1] < 0.5 * attention[0]
+    samples[0].hand = None
+    with pytest.raises(BagError, match="/ee_pose"):
+        BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, attention_weight=1.0)
 
 
 def test_train_saves_a_loadable_checkpoint_and_resumes(expert_bag, tmp_path):
     out = tmp_path / "policy"
-    common = ["--batch", "1", "--aux-weight", "0.5"]
+    common = ["--batch", "1", "--aux-weight", "0.5", "--attention-weight", "0.5"]
     train.main([str(expert_bag), "--out", str(out), "--steps", "2", "--save-every", "1", *common])
     assert (out / AUX_FILE).is_file()
     stats = json.loads((out / "dataset_statistics.json").read_text())

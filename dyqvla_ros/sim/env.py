@@ -39,6 +39,22 @@ def wrap_angle(angle: float) -> float:
     return (angle + math.pi) % (2 * math.pi) - math.pi
 
 
+def camera_pixels(model: mujoco.MjModel, points: np.ndarray, size: int, camera: str = "front") -> np.ndarray:
+    """Image coordinates (u right, v down, in pixels from the top-left corner of a
+    ``size``-pixel square render) of world ``points`` (..., 3) seen by a fixed camera.
+
+    Training uses it to say which image patches show an object; MuJoCo's camera looks
+    along its frame's -z with y up, at the vertical field of view ``cam_fovy``.
+    """
+    cam = model.camera(camera)
+    rotation = cam.mat0.reshape(3, 3)  # camera frame in the world (a camera on the world body)
+    local = (np.asarray(points, dtype=float) - cam.pos) @ rotation
+    focal = 0.5 * size / math.tan(math.radians(float(cam.fovy[0])) / 2)
+    depth = -local[..., 2]
+    u = 0.5 * size + focal * local[..., 0] / depth
+    return np.stack([u, 0.5 * size - focal * local[..., 1] / depth], -1)
+
+
 class TabletopEnv:
     """Randomised pick-and-place episodes; ``render_size=0`` disables the camera."""
 

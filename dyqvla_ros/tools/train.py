@@ -40,6 +40,18 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="weight of the auxiliary state targets (bags with /sim_state; 0: behaviour cloning only)",
     )
+    parser.add_argument(
+        "--attention-weight",
+        type=float,
+        default=0.0,
+        help="weight of the attention supervision (bags with /sim_state and /ee_pose; 0: none)",
+    )
+    parser.add_argument(
+        "--token-noise",
+        type=float,
+        default=0.0,
+        help="probability of replacing each teacher-forced action token by a random one",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--action-bins", type=int, default=256, help="action bins of a new tiny model (OpenVLA: 256)"
@@ -67,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
                 args.warmup,
                 args.shift,
                 args.aux_weight,
+                args.attention_weight,
+                args.token_noise,
             )
             if args.resume:
                 run.resume(args.out)
@@ -74,9 +88,10 @@ def main(argv: list[str] | None = None) -> None:
                 range(run.step, args.steps), desc="training", unit="step", initial=run.step, total=args.steps
             )
             for _ in progress:
-                loss, aux = run.train_step(args.batch)
+                loss, aux, attention = run.train_step(args.batch)
                 shown = {"loss": f"{loss:.3f}", "lr": f"{run.learning_rate(run.step):.1e}"}
-                progress.set_postfix(shown | ({} if aux is None else {"aux": f"{aux:.3f}"}))
+                shown |= {k: f"{v:.3f}" for k, v in (("aux", aux), ("att", attention)) if v is not None}
+                progress.set_postfix(shown)
                 if run.step % args.save_every == 0:
                     run.save(args.out)
             run.save(args.out)
