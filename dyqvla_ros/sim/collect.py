@@ -38,9 +38,7 @@ from rosbags.rosbag2 import Writer
 from dyqvla_ros.bags.store import STORAGES, ros_time, typestore
 from dyqvla_ros.bags.synthetic import LATCHED_QOS, RELIABLE_QOS, START_NS
 from dyqvla_ros.sim.env import CONTROL_HZ, Observation, TabletopEnv
-from dyqvla_ros.sim.expert import STATE_FIELDS, ScriptedExpert, privileged_state
-
-COARSE_PHASES = ("above_cube", "transport")
+from dyqvla_ros.sim.expert import COARSE_PHASES, STATE_FIELDS, ScriptedExpert, privileged_state
 
 
 class _BagOut:

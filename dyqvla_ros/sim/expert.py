@@ -16,6 +16,7 @@ from dyqvla_ros.sim.scene import COLORS, TARGETS
 
 COARSE_STEP, FINE_STEP, YAW_STEP = 0.04, 0.01, 0.2
 PHASES = ("above_cube", "descend", "close", "lift", "transport", "lower", "release", "retreat")
+COARSE_PHASES = ("above_cube", "transport")  # the moves between objects, 4 cm steps
 TRAVEL_Z, GRASP_Z, PLACE_Z = 0.12, 0.035, 0.042
 
 
