@@ -12,6 +12,7 @@ pytest.importorskip("mujoco", reason="mujoco is not installed")
 
 from test_sim import _renderer_available
 
+from dyqvla_ros.bags.store import deserialize, iter_messages, typestore
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.kinematics import KinematicMonitor
 from dyqvla_ros.model import VLAPolicy
@@ -19,6 +20,7 @@ from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
 from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.precision import PrecisionController
+from dyqvla_ros.sim.collect import collect
 from dyqvla_ros.sim.env import TabletopEnv
 from dyqvla_ros.sim.evaluation import summarize_mode, table, wilson_interval
 from dyqvla_ros.sim.rollout import ClosedLoop
@@ -42,6 +44,24 @@ def tiny_policy():
 def _loop(policy, mode: str, max_steps: int, source: str = "command") -> ClosedLoop:
     controller = PrecisionController(KinematicMonitor(w_macro=3, w_micro=2), Dispatcher(), mode)
     return ClosedLoop(TabletopEnv(render_size=32, max_steps=max_steps), policy, controller, source)
+
+
+def test_dagger_collection_executes_the_policy_and_records_the_expert(renderer, tiny_policy, tmp_path):
+    driven = collect(tmp_path / "dagger", episodes=1, seed=3, size=32, policy=tiny_policy, beta=0.0)
+    assert driven["policy_steps"] == driven["steps"] == 60  # the random policy never succeeds
+    expert = collect(tmp_path / "expert", episodes=1, seed=3, size=32, policy=tiny_policy, beta=1.0)
+    assert expert["policy_steps"] == 0 and expert["successes"] == 1
+    store = typestore()
+    labels, poses = {}, {}
+    for name in ("dagger", "expert"):
+        bag = tmp_path / name
+        labels[name] = [deserialize(store, m).data for m in iter_messages(bag, ["/expert_action"])]
+        poses[name] = [deserialize(store, m).pose.position for m in iter_messages(bag, ["/ee_pose"])]
+    np.testing.assert_array_equal(labels["dagger"][0], labels["expert"][0])  # same state, same label
+    assert poses["dagger"][2] != poses["expert"][2]  # but the policy's action was executed
+    assert max(np.linalg.norm(a[:3]) for a in labels["dagger"]) <= 0.04 + 1e-6  # the expert's steps
+    with pytest.raises(ValueError, match="beta"):
+        collect(tmp_path / "bad", episodes=1, policy=tiny_policy, beta=1.5)
 
 
 def test_wilson_interval_known_values():

@@ -50,6 +50,29 @@ def test_expert_has_coarse_and_fine_phases_with_wrist_rotation():
     assert {a[6] for a in by_phase["transport"]} == {0.0}
 
 
+def test_expert_recovers_from_an_ignored_grasp():
+    """A cloned policy may keep the gripper open when the expert closes it: the expert,
+    labelling those states (DAgger), must go back to the cube rather than carry nothing."""
+    env, expert = TabletopEnv(render_size=0), ScriptedExpert()
+    env.reset(7)
+    expert.reset()
+    phases, retried, done, success = [], False, False, False
+    while not done:
+        phases.append(expert.phase)
+        action = expert.act(env)
+        retried = retried or ("lift" in phases and phases[-1] == "above_cube")
+        if "close" in phases and not retried:
+            action[6] = 1.0  # the first grasp, and the lift after it, with the gripper open
+        _, done, success = env.step(action)
+    lifted = phases.index("lift")
+    assert success and "above_cube" in phases[lifted:] and phases.count("close") == 6
+    env.reset(7)
+    expert.phase = "retreat"  # a release that did not end the episode: rise, then retry
+    while expert.phase == "retreat":
+        env.step(expert.act(env))
+    assert expert.phase == "above_cube" and env.ee_pose()[0][2] > 0.1
+
+
 def test_invalid_actions_are_rejected():
     env = TabletopEnv(render_size=0)
     env.reset(0)

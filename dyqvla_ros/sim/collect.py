@@ -25,6 +25,13 @@ cloned policy makes on its way to an object without spoiling the fine phases (σ
 on every step left only 72/300 expert successes; a fixed 1.5 cm in the coarse phases
 17/60, the hand never settling within the 1 cm that ends the phase; R = 0.3: 60/60,
 R = 0.5: 54/60, 60 episodes each).
+
+``--policy CKPT --beta B`` collects DAgger data (Ross et al. 2011): at each step the
+expert's action is executed with probability B, otherwise the action of the cloned
+policy (the W4 model at 16-bit activations, as ``dyqvla-eval-sim --precision 16`` runs
+it); the label is always the expert's. The demonstrations then cover the states the
+policy itself drives into -- the centimetre misses, early descents and empty grasps that
+no noise model of the expert produces -- with what the expert would do there.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from rosbags.rosbag2 import Writer
 
 from dyqvla_ros.bags.store import STORAGES, ros_time, typestore
 from dyqvla_ros.bags.synthetic import LATCHED_QOS, RELIABLE_QOS, START_NS
+from dyqvla_ros.model import CheckpointError, VLAPolicy
+from dyqvla_ros.model.loader import load_quantized_openvla
 from dyqvla_ros.sim.env import CONTROL_HZ, Observation, TabletopEnv
 from dyqvla_ros.sim.expert import COARSE_PHASES, STATE_FIELDS, ScriptedExpert, privileged_state
 
@@ -115,17 +124,22 @@ def collect(
     storage: str = "mcap",
     noise: float = 0.0,
     coarse_noise: float = 0.0,
+    policy: VLAPolicy | None = None,
+    beta: float = 0.5,
 ) -> dict:
-    """Run ``episodes`` expert episodes (seeds seed, seed+1, ...) into a new bag."""
+    """Run ``episodes`` episodes (seeds seed, seed+1, ...) into a new bag: the expert's,
+    or with ``policy`` the mixture that executes the expert's action with probability ``beta``."""
     if noise < 0.0 or coarse_noise < 0.0:
         raise ValueError(f"noise must be >= 0, got {noise} and coarse noise {coarse_noise}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; rosbag2 writes a new directory")
     env, expert = TabletopEnv(render_size=size), ScriptedExpert()
     period_ns = int(1e9 / CONTROL_HZ)
-    ns, successes, steps = START_NS, 0, 0
-    noise_rng = np.random.default_rng([seed, 1])
+    ns, successes, steps, policy_steps = START_NS, 0, 0, 0
+    noise_rng, mixing_rng = np.random.default_rng([seed, 1]), np.random.default_rng([seed, 2])
     noise_scale = noise * np.array([1.0, 1.0, 1.0, 0.0, 0.0, 10.0, 0.0])
     with Writer(out, version=9, storage_plugin=STORAGES[storage]) as writer:
         bag = _BagOut(writer)
@@ -144,13 +158,16 @@ def collect(
                 executed = action + noise_scale * noise_rng.standard_normal(7)
                 if phase in COARSE_PHASES:
                     executed[:3] += coarse_noise * np.linalg.norm(action[:3]) * noise_rng.standard_normal(3)
+                if policy is not None and mixing_rng.random() >= beta:
+                    executed = policy.predict(obs.image, obs.instruction).action
+                    policy_steps += 1
                 obs, done, success = env.step(executed)
                 ns += period_ns
                 steps += 1
             bag.observation(ns, obs)
             successes += success
             ns += 10 * period_ns  # a pause between episodes
-    return {"episodes": episodes, "successes": successes, "steps": steps}
+    return {"episodes": episodes, "successes": successes, "steps": steps, "policy_steps": policy_steps}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -171,15 +188,26 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="std of extra noise on executed Δxyz in the coarse phases, relative to the step's length",
     )
+    parser.add_argument(
+        "--policy", type=Path, help="OpenVLA checkpoint that drives the steps the expert does not (DAgger)"
+    )
+    parser.add_argument(
+        "--beta", type=float, default=0.5, help="with --policy: probability of executing the expert's action"
+    )
     args = parser.parse_args(argv)
     try:
+        policy = None
+        if args.policy:
+            policy = VLAPolicy(load_quantized_openvla(args.policy), restrict_to_actions=True)
         summary = collect(
-            args.out, args.episodes, args.seed, args.size, args.storage, args.noise, args.coarse_noise
-        )
-    except (FileExistsError, ValueError) as err:
+            args.out, args.episodes, args.seed, args.size, args.storage, args.noise, args.coarse_noise,
+            policy, args.beta,
+        )  # fmt: skip
+    except (CheckpointError, FileExistsError, ValueError) as err:
         parser.exit(2, f"dyqvla-collect: {err}\n")
     successes, episodes, steps = summary["successes"], summary["episodes"], summary["steps"]
-    print(f"{successes}/{episodes} expert successes, {steps} steps -> {args.out}")
+    driver = f", {summary['policy_steps']} of them the policy's" if policy else ""
+    print(f"{successes}/{episodes} successes, {steps} steps{driver} -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@
 
 Steps are capped per phase (4 cm coarse, 1 cm fine, 0.2 rad of yaw), the contrast the
 kinematic monitor is built to see.
+
+The expert also recovers from states it would never reach itself, so that it can label
+the steps of a cloned policy (``dyqvla-collect --policy``, DAgger): a cube lost between
+the grasp and the release sends it back to the cube, and so does a release that did not
+end the episode (the retreat rises to the travel height first).
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from dyqvla_ros.sim.scene import COLORS, TARGETS
 COARSE_STEP, FINE_STEP, YAW_STEP = 0.04, 0.01, 0.2
 PHASES = ("above_cube", "descend", "close", "lift", "transport", "lower", "release", "retreat")
 COARSE_PHASES = ("above_cube", "transport")  # the moves between objects, 4 cm steps
+CARRYING_PHASES = ("lift", "transport", "lower")
 TRAVEL_Z, GRASP_Z, PLACE_Z = 0.12, 0.035, 0.042
+# A carried cube's centre sits 1.5 cm below the hand (GRASP_Z less the cube's half side);
+# twice that and it has slipped out of the fingers.
+HELD_DISTANCE = 0.03
 
 
 def grasp_yaw_error(cube_yaw: float, hand_yaw: float) -> float:
@@ -46,6 +55,8 @@ class ScriptedExpert:
         # The fingers close along the hand's y axis: any of the cube's 4 faces will do.
         grasp_yaw = yaw + grasp_yaw_error(cube_yaw, yaw)
         dyaw, gripper, delta = 0.0, 1.0, np.zeros(3)
+        if self.phase in CARRYING_PHASES and np.linalg.norm(cube - ee) > HELD_DISTANCE:
+            self.phase = "above_cube"  # the cube was never grasped, or slipped out
         phase = self.phase
         if phase == "above_cube":
             goal = np.array([cube[0], cube[1], TRAVEL_Z])
@@ -85,8 +96,10 @@ class ScriptedExpert:
             self.count += 1
             if self.count >= 3:
                 self.phase = "retreat"
-        else:  # retreat
+        else:  # retreat: the release did not put the cube in the zone; rise, then try again
             delta = self._move(ee, np.array([ee[0], ee[1], TRAVEL_Z]), COARSE_STEP)
+            if TRAVEL_Z - ee[2] < 0.01:
+                self.phase = "above_cube"
         return np.array([*delta, 0.0, 0.0, dyaw, gripper])
 
 
