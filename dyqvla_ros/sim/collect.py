@@ -158,6 +158,8 @@ def collect(
                 executed = action + noise_scale * noise_rng.standard_normal(7)
                 if phase in COARSE_PHASES:
                     executed[:3] += coarse_noise * np.linalg.norm(action[:3]) * noise_rng.standard_normal(3)
+                # The noise is drawn on every step, also those the policy then drives, so that
+                # the noise stream does not depend on the mixing draws.
                 if policy is not None and mixing_rng.random() >= beta:
                     executed = policy.predict(obs.image, obs.instruction).action
                     policy_steps += 1
