@@ -73,6 +73,29 @@ def test_expert_recovers_from_an_ignored_grasp():
     assert expert.phase == "above_cube" and env.ee_pose()[0][2] > 0.1
 
 
+@pytest.mark.parametrize("labeller_phase", ["above_cube", "descend", "retreat"])
+def test_expert_carries_a_grasp_it_did_not_make(labeller_phase):
+    """DAgger: a cloned policy may grasp the cube while the labelling expert still thinks it
+    is on its way there; the expert must carry that cube on, not say "open and descend"."""
+    env, driver = TabletopEnv(render_size=0), ScriptedExpert()
+    env.reset(7)
+    driver.reset()
+    while driver.phase != "lift":  # someone else grasps the cube
+        env.step(driver.act(env))
+    labeller = ScriptedExpert()
+    labeller.phase = labeller_phase
+    action = labeller.act(env)
+    assert labeller.phase == "lift" and action[6] == 0.0 and action[2] > 0.0
+    done = success = False
+    while not done:
+        _, done, success = env.step(labeller.act(env))
+    assert success
+    env.reset(7)  # fingers closed on nothing, far from the cube: not a grasp
+    env.step(np.array([0.0, 0, 0, 0, 0, 0, 0]))
+    labeller.reset()
+    assert labeller.act(env)[6] == 1.0 and labeller.phase == "above_cube"
+
+
 def test_invalid_actions_are_rejected():
     env = TabletopEnv(render_size=0)
     env.reset(0)

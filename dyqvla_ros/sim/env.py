@@ -172,11 +172,19 @@ class TabletopEnv:
         quat_wxyz = hand.xquat
         return hand.xpos.copy(), np.array([*quat_wxyz[1:], quat_wxyz[0]])
 
+    def fingers(self) -> np.ndarray:
+        """Opening (m) of the two finger slides: FINGER_OPEN open, 0 closed on nothing."""
+        return np.array([self.data.joint("finger_left").qpos[0], self.data.joint("finger_right").qpos[0]])
+
+    def gripper_closing(self) -> bool:
+        """Whether the last action commanded the fingers closed."""
+        return bool(self.data.ctrl[0] < 0.5 * FINGER_OPEN)
+
     def success(self) -> bool:
         cube, _ = self.cube_pose(self.task[0])
         target = self.target_position(self.task[1])
         resting = cube[2] < CUBE_HALF + 0.01
-        released = self.data.ctrl[0] > 0.5 * FINGER_OPEN
+        released = not self.gripper_closing()
         return bool(np.linalg.norm(cube[:2] - target[:2]) < TARGET_RADIUS and resting and released)
 
     def observe(self) -> Observation:
@@ -185,5 +193,4 @@ class TabletopEnv:
             self.renderer.update_scene(self.data, "front")
             image = self.renderer.render().copy()
         position, quaternion = self.ee_pose()
-        fingers = np.array([self.data.joint("finger_left").qpos[0], self.data.joint("finger_right").qpos[0]])
-        return Observation(image, position, quaternion, fingers, self.instruction)
+        return Observation(image, position, quaternion, self.fingers(), self.instruction)

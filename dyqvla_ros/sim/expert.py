@@ -27,11 +27,20 @@ TRAVEL_Z, GRASP_Z, PLACE_Z = 0.12, 0.035, 0.042
 # A carried cube's centre sits 1.5 cm below the hand (GRASP_Z less the cube's half side);
 # twice that and it has slipped out of the fingers.
 HELD_DISTANCE = 0.03
+# Each finger stops at ~19 mm on a grasped 4 cm cube and closes to 0 on nothing.
+FINGER_ON_CUBE = 0.005
 
 
 def grasp_yaw_error(cube_yaw: float, hand_yaw: float) -> float:
     """Yaw (rad) the hand must turn to face the nearest of the cube's 4 faces, in [-pi/4, pi/4)."""
     return wrap_angle(4 * (cube_yaw - hand_yaw)) / 4
+
+
+def holds(env: TabletopEnv, cube: np.ndarray) -> bool:
+    """The fingers are closed on the cube at ``cube``: closing commanded, both stopped short of
+    closing fully, and the cube between them (within ``HELD_DISTANCE`` of the hand)."""
+    near = np.linalg.norm(cube - env.ee_pose()[0]) <= HELD_DISTANCE
+    return env.gripper_closing() and bool(np.all(env.fingers() > FINGER_ON_CUBE)) and near
 
 
 class ScriptedExpert:
@@ -57,6 +66,8 @@ class ScriptedExpert:
         dyaw, gripper, delta = 0.0, 1.0, np.zeros(3)
         if self.phase in CARRYING_PHASES and np.linalg.norm(cube - ee) > HELD_DISTANCE:
             self.phase = "above_cube"  # the cube was never grasped, or slipped out
+        elif self.phase in ("above_cube", "descend", "retreat") and holds(env, cube):
+            self.phase = "lift"  # someone else's grasp (a cloned policy's): carry it
         phase = self.phase
         if phase == "above_cube":
             goal = np.array([cube[0], cube[1], TRAVEL_Z])
