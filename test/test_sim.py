@@ -17,6 +17,7 @@ from dyqvla_ros.sim.expert import (  # noqa: E402
     COARSE_STEP,
     FINE_STEP,
     PHASES,
+    PLACE_Z,
     STATE_FIELDS,
     ScriptedExpert,
     privileged_state,
@@ -94,6 +95,25 @@ def test_expert_carries_a_grasp_it_did_not_make(labeller_phase):
     env.step(np.array([0.0, 0, 0, 0, 0, 0, 0]))
     labeller.reset()
     assert labeller.act(env)[6] == 1.0 and labeller.phase == "above_cube"
+
+
+def test_expert_releases_a_cube_lowered_below_its_goal():
+    """A policy may lower the cube further than the expert would: release it there, don't lift."""
+    env, expert = TabletopEnv(render_size=0), ScriptedExpert()
+    env.reset(7)
+    expert.reset()
+    while expert.phase != "lower":
+        env.step(expert.act(env))
+    target = env.target_position(env.task[1])
+    for _ in range(12):  # someone else lowers to 8 mm under the expert's place height
+        goal = np.array([target[0], target[1], PLACE_Z - 0.008])
+        env.step(np.array([*np.clip(goal - env.ee_pose()[0], -0.01, 0.01), 0, 0, 0, 0.0]))
+    expert.act(env)
+    assert expert.phase == "release"
+    done = success = False
+    while not done:
+        _, done, success = env.step(expert.act(env))
+    assert success
 
 
 def test_invalid_actions_are_rejected():
