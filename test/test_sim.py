@@ -85,6 +85,7 @@ def test_expert_carries_a_grasp_it_did_not_make(labeller_phase):
         env.step(driver.act(env))
     labeller = ScriptedExpert()
     labeller.phase = labeller_phase
+    assert labeller.sync(env) == "lift"  # what dyqvla-collect records as the step's phase
     action = labeller.act(env)
     assert labeller.phase == "lift" and action[6] == 0.0 and action[2] > 0.0
     done = success = False

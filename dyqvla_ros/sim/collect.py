@@ -149,7 +149,7 @@ def collect(
             bag.instruction_text(ns, obs.instruction)
             done = success = False
             while not done:
-                phase = expert.phase
+                phase = expert.sync(env)  # the phase the label comes from, after any recovery
                 state = privileged_state(env, phase)
                 action = expert.act(env)
                 bag.observation(ns, obs)

@@ -56,19 +56,25 @@ class ScriptedExpert:
         norm = np.linalg.norm(delta)
         return delta if norm <= step else delta * (step / norm)
 
+    def sync(self, env: TabletopEnv) -> str:
+        """The phase the next action comes from, after the recoveries from states the
+        expert did not drive into (idempotent: ``act`` calls it again)."""
+        cube = env.cube_pose(env.task[0])[0]
+        if self.phase in CARRYING_PHASES and np.linalg.norm(cube - env.ee_pose()[0]) > HELD_DISTANCE:
+            self.phase = "above_cube"  # the cube was never grasped, or slipped out
+        elif self.phase in ("above_cube", "descend", "retreat") and holds(env, cube):
+            self.phase = "lift"  # someone else's grasp (a cloned policy's): carry it
+        return self.phase
+
     def act(self, env: TabletopEnv) -> np.ndarray:
         """The 7-D action for the current state (Δxyz, Δrpy, gripper)."""
+        phase = self.sync(env)
         cube, cube_yaw = env.cube_pose(env.task[0])
         target = env.target_position(env.task[1])
         ee, yaw = env.ee_pose()[0], env.hand_yaw()
         # The fingers close along the hand's y axis: any of the cube's 4 faces will do.
         grasp_yaw = yaw + grasp_yaw_error(cube_yaw, yaw)
         dyaw, gripper, delta = 0.0, 1.0, np.zeros(3)
-        if self.phase in CARRYING_PHASES and np.linalg.norm(cube - ee) > HELD_DISTANCE:
-            self.phase = "above_cube"  # the cube was never grasped, or slipped out
-        elif self.phase in ("above_cube", "descend", "retreat") and holds(env, cube):
-            self.phase = "lift"  # someone else's grasp (a cloned policy's): carry it
-        phase = self.phase
         if phase == "above_cube":
             goal = np.array([cube[0], cube[1], TRAVEL_Z])
             delta = self._move(ee, goal, COARSE_STEP)
