@@ -28,6 +28,7 @@ from dyqvla_ros.kinematics import (
     DEFAULT_W_MICRO,
     validate_monitor_params,
 )
+from dyqvla_ros.model.config import ACTION_DECODINGS
 from dyqvla_ros.motion import KINEMATIC_SOURCES
 from dyqvla_ros.precision import PRECISION_MODES
 
@@ -52,6 +53,7 @@ class PolicyParams:
     prefill_bits: str = _p("16", "activation bits of the vision + prompt prefill: 2, 4, 8, 16 or follow")
     quantize_vision: bool = _p(False, "also quantize the vision backbones and projector to W4")
     restrict_to_actions: bool = _p(True, "greedy decode over the 256 action tokens only")
+    action_decoding: str = _p("", "action tokens: argmax (OpenVLA) or median; empty: the checkpoint's choice")
     lam: float = _p(DEFAULT_LAMBDA, "λ, weight of the Motion Fineness mean in S_t, in [0, 1]", "lambda")
     k: int = _p(DEFAULT_K, "K, steps that confirm a precision downgrade, >= 1")
     theta_fp: float = _p(DEFAULT_THETA_FP, "θ_fp: S_t above it runs at 16 bits")
@@ -97,6 +99,11 @@ class PolicyParams:
         if self.prefill_bits not in PREFILL_BITS:
             raise ValueError(
                 f"parameter 'prefill_bits' must be one of {PREFILL_BITS}, got {self.prefill_bits!r}"
+            )
+        if self.action_decoding not in ("", *ACTION_DECODINGS):
+            raise ValueError(
+                f"parameter 'action_decoding' must be empty or one of {ACTION_DECODINGS}, "
+                f"got {self.action_decoding!r}"
             )
         if self.cpu_threads < 0:
             raise ValueError(f"parameter 'cpu_threads' must be >= 0, got {self.cpu_threads}")

@@ -202,7 +202,13 @@ class PolicyNode(Node):
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         loaded = load_quantized_openvla(self.model_path, self.device, dtype, p.group_size, p.quantize_vision)
         prefill = p.prefill_bits if p.prefill_bits == "follow" else int(p.prefill_bits)
-        policy = VLAPolicy(loaded, p.unnorm_key or None, prefill, p.restrict_to_actions)
+        policy = VLAPolicy(
+            loaded,
+            p.unnorm_key or None,
+            prefill,
+            p.restrict_to_actions,
+            action_decoding=p.action_decoding or None,
+        )
         if policy.action_dim != ACTION_DIM:
             raise ValueError(f"the model's actions have {policy.action_dim} dimensions; this node needs 7")
         return policy

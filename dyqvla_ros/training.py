@@ -54,6 +54,7 @@ from safetensors.torch import save_file
 from dyqvla_ros.bags.store import BagError, deserialize, iter_messages, typestore
 from dyqvla_ros.image_conversion import image_to_rgb
 from dyqvla_ros.model.action_tokenizer import ActionStats, ActionTokenizer
+from dyqvla_ros.model.config import ACTION_DECODINGS
 from dyqvla_ros.model.loader import CheckpointError, LoadedOpenVLA
 from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
 from dyqvla_ros.sim.env import TabletopEnv, camera_pixels
@@ -205,7 +206,11 @@ class BehaviourCloning:
         aux_weight: float = 0.0,
         attention_weight: float = 0.0,
         token_noise: float = 0.0,
+        action_decoding: str | None = None,
     ) -> None:
+        if action_decoding is not None and action_decoding not in ACTION_DECODINGS:
+            raise ValueError(f"action_decoding must be one of {ACTION_DECODINGS}, got {action_decoding!r}")
+        self.action_decoding = action_decoding  # written to config.json; None: keep the init's
         self.loaded, self.model = loaded, loaded.model
         actions = np.stack([s.action for s in samples])
         self.stats_dict = action_statistics(actions)
@@ -348,6 +353,8 @@ class BehaviourCloning:
         self.loaded.tokenizer.save_pretrained(str(out))
         norm_stats = {UNNORM_KEY: {"action": self.stats_dict, "num_transitions": self.n_samples}}
         config = {**json.loads((source / "config.json").read_text()), "norm_stats": norm_stats}
+        if self.action_decoding is not None:
+            config["dyqvla_action_decoding"] = self.action_decoding
         _atomic(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
         _atomic(out / "dataset_statistics.json", lambda p: p.write_text(json.dumps(norm_stats, indent=2)))
         if self.aux is not None:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from dyqvla_ros.model import ActionStats, ActionTokenizer, CheckpointError, VLAPolicy, load_openvla
 from dyqvla_ros.model.config import OpenVLAConfig
 from dyqvla_ros.model.loader import build_model, load_quantized_openvla
+from dyqvla_ros.model.policy import median_action_token
 from dyqvla_ros.model.processing import EMPTY_TOKEN_ID, PROMPT_TEMPLATE, prompt_ids, validate_image
 from dyqvla_ros.model.tiny import TINY_UNNORM_KEY, build_tokenizer, make_tiny_openvla
 
@@ -126,6 +127,38 @@ def test_decode_at_16_bits_matches_transformers_generate(tiny):
         )
     assert generated[0].tolist() == action.tokens.tolist()
     assert action.action.shape == (7,)
+
+
+def test_median_action_token_is_the_median_bin_in_value_order():
+    ids = range(92, 100)  # 8 action tokens; id 99 decodes to the lowest bin, 92 (clipped) the highest
+    probs = torch.full((1, 100), 1e-12)
+    probs[0, [99, 98, 97, 96]] = 0.19  # a move whose length the model is unsure of: 76 % ...
+    probs[0, 94] = 0.24  # ... against "stay", the most likely single bin
+    probs[0, 10] = 1e6  # a text token: not an action, ignored
+    logits = probs.log()
+    assert logits[:, ids.start :].argmax().item() + ids.start == 94
+    assert median_action_token(logits, ids).tolist() == [[97]]  # cumulative 0.19, 0.38, 0.57
+    one = torch.full((2, 100), -1e9)
+    one[0, 95], one[1, 92] = 0.0, 0.0  # all mass on one bin (the last one clipped): that bin
+    assert median_action_token(one, ids).tolist() == [[95], [92]]
+
+
+def test_action_decoding_comes_from_the_checkpoint(tiny, tiny_dir, tmp_path):
+    assert VLAPolicy(tiny).action_decoding == "argmax"  # OpenVLA's, and any checkpoint without the field
+    copy = tmp_path / "median"
+    shutil.copytree(tiny_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "dyqvla_action_decoding": "median"}))
+    policy = VLAPolicy(load_openvla(copy))
+    assert policy.action_decoding == "median"
+    action = policy.predict(image(5), INSTRUCTION)
+    assert all(t in policy.action_tokenizer.token_ids for t in action.tokens)
+    assert VLAPolicy(load_openvla(copy), action_decoding="argmax").action_decoding == "argmax"
+    with pytest.raises(ValueError, match="action_decoding must be one of"):
+        VLAPolicy(tiny, action_decoding="mode")
+    (copy / "config.json").write_text(json.dumps({**config, "dyqvla_action_decoding": "mode"}))
+    with pytest.raises(CheckpointError, match="dyqvla_action_decoding must be one of"):
+        load_openvla(copy)
 
 
 def test_prefill_can_be_decoded_repeatedly(tiny):

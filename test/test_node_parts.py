@@ -138,6 +138,7 @@ def test_calibration_file_overrides_thresholds(tmp_path):
     [
         ({"device": "tpu"}, "'device' must be one of"),
         ({"prefill_bits": "3"}, "'prefill_bits' must be one of"),
+        ({"action_decoding": "sample"}, "'action_decoding' must be empty or one of"),
         ({"group_size": 48}, "'group_size' must be 32, 64 or 128"),
         ({"stale_image_timeout_s": 0.0}, "'stale_image_timeout_s' must be > 0"),
         ({"action_low": [0.0], "action_high": []}, "same length"),

@@ -167,11 +167,24 @@ def test_train_saves_a_loadable_checkpoint_and_resumes(expert_bag, tmp_path):
     stats = json.loads((out / "dataset_statistics.json").read_text())
     assert list(stats) == [UNNORM_KEY]
     policy = VLAPolicy(load_openvla(out), restrict_to_actions=True)
-    assert policy.stats.key == UNNORM_KEY
+    assert policy.stats.key == UNNORM_KEY and policy.action_decoding == "argmax"
     assert np.isfinite(
         policy.predict(np.zeros((64, 64, 3), np.uint8), "put the red cube on the blue target").action
     ).all()
-    train.main([str(expert_bag), "--out", str(out), "--steps", "3", "--resume", *common])
+    train.main(
+        [
+            str(expert_bag),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--resume",
+            "--action-decoding",
+            "median",
+            *common,
+        ]
+    )
+    assert VLAPolicy(load_openvla(out)).action_decoding == "median"  # written to config.json
     from safetensors import safe_open
 
     with safe_open(str(out / STATE_FILE), framework="pt") as f:

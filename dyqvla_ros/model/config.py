@@ -1,9 +1,11 @@
 """OpenVLA ``config.json``: the fields this implementation reads, validated.
 
 Field names are those of the published checkpoint (``OpenVLAConfig`` in openvla's
-``prismatic/extern/hf/configuration_prismatic.py``). One optional field is ours:
+``prismatic/extern/hf/configuration_prismatic.py``). Two optional fields are ours:
 ``dyqvla_timm_overrides``, keyword overrides for each timm backbone (sizes of the tiny
-model); the published checkpoint does not have it and gets the timm defaults.
+model), and ``dyqvla_action_decoding``, how the checkpoint's action tokens are best
+decoded (``VLAPolicy``); the published checkpoint has neither and gets the timm defaults
+and OpenVLA's argmax.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import LlamaConfig
+
+ACTION_DECODINGS = ("argmax", "median")
 
 
 class UnsupportedConfigError(ValueError):
@@ -30,6 +34,7 @@ class OpenVLAConfig:
     n_action_bins: int = 256
     norm_stats: dict[str, Any] | None = None
     timm_overrides: list[dict[str, Any]] = field(default_factory=list)
+    action_decoding: str = "argmax"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -63,6 +68,11 @@ class OpenVLAConfig:
         n_bins = int(data.get("n_action_bins", 256))
         if n_bins < 2:
             raise UnsupportedConfigError(f"n_action_bins must be >= 2, got {n_bins}")
+        decoding = data.get("dyqvla_action_decoding", "argmax")
+        if decoding not in ACTION_DECODINGS:
+            raise UnsupportedConfigError(
+                f"dyqvla_action_decoding must be one of {ACTION_DECODINGS}, got {decoding!r}"
+            )
         return cls(
             timm_model_ids=ids,
             timm_override_act_layers=acts,
@@ -74,6 +84,7 @@ class OpenVLAConfig:
             n_action_bins=n_bins,
             norm_stats=data.get("norm_stats"),
             timm_overrides=overrides,
+            action_decoding=decoding,
             raw=data,
         )
 

@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from dyqvla_ros.model.action_tokenizer import ActionStats, ActionTokenizer
+from dyqvla_ros.model.config import ACTION_DECODINGS
 from dyqvla_ros.model.graphs import DecodeGraphs
 from dyqvla_ros.model.loader import LoadedOpenVLA
 from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
@@ -37,6 +38,20 @@ PREFILL_FOLLOW = "follow"
 _CACHE_KWARG = (
     "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 )
+
+
+def median_action_token(logits: torch.Tensor, action_ids: range) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) id of the median action bin under the softmax over ``action_ids``.
+
+    Action token ids count down as their bins count up (OpenVLA), so the flipped slice is
+    in value order. Why: where the model splits its mass between "stay" (one bin) and a
+    move it is unsure of the length of (many neighbouring bins), argmax picks "stay" even
+    when most of the mass says "move"; the median is the bin that minimises the expected
+    absolute error of the decoded action.
+    """
+    probs = torch.softmax(logits[:, action_ids.start : action_ids.stop].float(), dim=-1).flip(-1)
+    below = (probs.cumsum(dim=-1) < 0.5).sum(dim=-1, keepdim=True)  # bins before the median
+    return action_ids.stop - 1 - below.clamp(max=len(action_ids) - 1)
 
 
 @dataclass
@@ -67,6 +82,10 @@ class VLAPolicy:
         restrict_to_actions: greedy decode over the action tokens only (OpenVLA decodes
             over the whole vocabulary; off by default to match it exactly).
         center_crop: OpenVLA's LIBERO evaluation centre crop (90 % of the area).
+        action_decoding: ``"argmax"`` (OpenVLA's greedy decode) or ``"median"``: each
+            action token is the median bin of the distribution over the action tokens,
+            ordered by the value they decode to (see ``median_action_token``). None: the
+            checkpoint's ``dyqvla_action_decoding`` (argmax if it has none).
     """
 
     def __init__(
@@ -76,7 +95,13 @@ class VLAPolicy:
         prefill_bits: int | str = 16,
         restrict_to_actions: bool = False,
         center_crop: bool = False,
+        action_decoding: str | None = None,
     ) -> None:
+        if action_decoding is None:
+            action_decoding = loaded.config.action_decoding
+        if action_decoding not in ACTION_DECODINGS:
+            raise ValueError(f"action_decoding must be one of {ACTION_DECODINGS}, got {action_decoding!r}")
+        self.action_decoding = action_decoding
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.stats = ActionStats.select(loaded.norm_stats, unnorm_key)
@@ -195,9 +220,12 @@ class VLAPolicy:
                 else:
                     logits = self._decode_forward(state.cache, token, position)
                 logits = logits.float()
-                if self._action_mask is not None:
-                    logits = logits + self._action_mask
-                token = logits.argmax(dim=-1, keepdim=True)
+                if self.action_decoding == "median":
+                    token = median_action_token(logits, self.action_tokenizer.token_ids)
+                else:
+                    if self._action_mask is not None:
+                        logits = logits + self._action_mask
+                    token = logits.argmax(dim=-1, keepdim=True)
                 tokens.append(token)
         self._last_decode_bits = bits
         ids = torch.cat(tokens, dim=1)[0].cpu().numpy()  # one device sync per step

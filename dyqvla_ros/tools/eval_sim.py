@@ -34,6 +34,7 @@ from dyqvla_ros.calibration import load_calibration, thresholds
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.kinematics import KinematicMonitor
 from dyqvla_ros.model import CheckpointError, VLAPolicy
+from dyqvla_ros.model.config import ACTION_DECODINGS
 from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
 from dyqvla_ros.precision import PRECISION_MODES, PrecisionController
@@ -57,12 +58,20 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--size", type=int, default=128, help="camera image side (pixels)")
     parser.add_argument("--max-steps", type=int, default=60, help="step limit of an episode (10 Hz)")
+    parser.add_argument(
+        "--action-decoding", choices=ACTION_DECODINGS, help="default: the checkpoint's (see VLAPolicy)"
+    )
 
 
 def build_loop(args: argparse.Namespace, mode: str) -> ClosedLoop:
     """Environment + the node's policy and precision stack for one mode."""
     loaded = load_quantized_openvla(args.model or embedded_policy_path())
-    policy = VLAPolicy(loaded, args.unnorm_key, restrict_to_actions=args.restrict_to_actions)
+    policy = VLAPolicy(
+        loaded,
+        args.unnorm_key,
+        restrict_to_actions=args.restrict_to_actions,
+        action_decoding=args.action_decoding,
+    )
     overrides = thresholds(load_calibration(args.calibration)) if args.calibration else {}
     controller = PrecisionController(KinematicMonitor(), Dispatcher(**overrides), mode)
     env = TabletopEnv(render_size=args.size, max_steps=args.max_steps)

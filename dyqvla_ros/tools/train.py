@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dyqvla_ros.bags.store import BagError
 from dyqvla_ros.model import CheckpointError, load_openvla
+from dyqvla_ros.model.config import ACTION_DECODINGS
 from dyqvla_ros.model.tiny import make_tiny_openvla
 from dyqvla_ros.training import STATE_FILE, BehaviourCloning, export_bf16, load_samples
 
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--action-bins", type=int, default=256, help="action bins of a new tiny model (OpenVLA: 256)"
     )
+    parser.add_argument(
+        "--action-decoding",
+        choices=ACTION_DECODINGS,
+        help="how the checkpoint's action tokens are decoded (config.json; default: the --init's)",
+    )
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--resume", action="store_true", help="continue from --out")
     parser.add_argument("--export", type=Path, help="also write a bf16 copy without optimizer state here")
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.aux_weight,
                 args.attention_weight,
                 args.token_noise,
+                args.action_decoding,
             )
             if args.resume:
                 run.resume(args.out)
