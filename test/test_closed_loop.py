@@ -177,3 +177,7 @@ def test_eval_sim_defaults_to_the_embedded_policy(renderer, tmp_path):
     report = json.loads(out.read_text())
     assert report["model"] == str(embedded_policy_path()) and report["kinematic_source"] == "ee_pose"
     assert report["rows"][0]["steps"] == 2
+    assert report["action_decoding"] == "median"  # the embedded checkpoint's choice (TRAINING.md)
+    eval_sim.main(["--precision", "16", "--episodes", "1", "--max-steps", "1", "--action-decoding", "argmax",
+                   "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["action_decoding"] == "argmax"

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, ValueError) as err:
         parser.exit(2, f"dyqvla-eval-sim: {err}\n")
     model_bytes = weight_bytes(probe.policy.model)["total"]
+    decoding = probe.policy.action_decoding
     del probe
 
     rows, episodes, start = [], {}, time.perf_counter()
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(args.model or embedded_policy_path()),
         "calibration": str(args.calibration) if args.calibration else None,
         "kinematic_source": args.kinematic_source,
+        "action_decoding": decoding,
         "seeds": [args.seed, args.seed + args.episodes - 1],
         "workers": args.workers,
         "torch_threads": 1 if args.workers > 1 else torch.get_num_threads(),
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(report, indent=1))
     print(table(rows))
     last = args.seed + args.episodes - 1
-    print(f"{args.episodes} episodes per mode, seeds {args.seed}..{last}; wrote {args.out}")
+    seeds = f"seeds {args.seed}..{last}"
+    print(f"{args.episodes} episodes per mode, {seeds}, {decoding} decoding; wrote {args.out}")
     sys.stdout.flush()
 
 
