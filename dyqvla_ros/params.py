@@ -53,7 +53,9 @@ class PolicyParams:
     prefill_bits: str = _p("16", "activation bits of the vision + prompt prefill: 2, 4, 8, 16 or follow")
     quantize_vision: bool = _p(False, "also quantize the vision backbones and projector to W4")
     restrict_to_actions: bool = _p(True, "greedy decode over the 256 action tokens only")
-    action_decoding: str = _p("", "action tokens: argmax (OpenVLA) or median; empty: the checkpoint's choice")
+    action_decoding: str = _p(
+        "", "action tokens: argmax (OpenVLA) or median (over the action tokens); empty: the checkpoint's"
+    )
     lam: float = _p(DEFAULT_LAMBDA, "λ, weight of the Motion Fineness mean in S_t, in [0, 1]", "lambda")
     k: int = _p(DEFAULT_K, "K, steps that confirm a precision downgrade, >= 1")
     theta_fp: float = _p(DEFAULT_THETA_FP, "θ_fp: S_t above it runs at 16 bits")
