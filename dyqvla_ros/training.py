@@ -54,7 +54,7 @@ from safetensors.torch import save_file
 from dyqvla_ros.bags.store import BagError, deserialize, iter_messages, typestore
 from dyqvla_ros.image_conversion import image_to_rgb
 from dyqvla_ros.model.action_tokenizer import ActionStats, ActionTokenizer
-from dyqvla_ros.model.config import ACTION_DECODINGS
+from dyqvla_ros.model.config import check_action_decoding
 from dyqvla_ros.model.loader import CheckpointError, LoadedOpenVLA
 from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
 from dyqvla_ros.sim.env import TabletopEnv, camera_pixels
@@ -208,8 +208,8 @@ class BehaviourCloning:
         token_noise: float = 0.0,
         action_decoding: str | None = None,
     ) -> None:
-        if action_decoding is not None and action_decoding not in ACTION_DECODINGS:
-            raise ValueError(f"action_decoding must be one of {ACTION_DECODINGS}, got {action_decoding!r}")
+        if action_decoding is not None:
+            check_action_decoding(action_decoding)
         self.action_decoding = action_decoding  # written to config.json; None: keep the init's
         self.loaded, self.model = loaded, loaded.model
         actions = np.stack([s.action for s in samples])

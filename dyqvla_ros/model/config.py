@@ -18,6 +18,13 @@ from transformers import LlamaConfig
 ACTION_DECODINGS = ("argmax", "median")
 
 
+def check_action_decoding(decoding: str) -> str:
+    """``decoding`` if it names one of ``ACTION_DECODINGS``, else ValueError."""
+    if decoding not in ACTION_DECODINGS:
+        raise ValueError(f"action_decoding must be one of {ACTION_DECODINGS}, got {decoding!r}")
+    return decoding
+
+
 class UnsupportedConfigError(ValueError):
     """config.json describes a model this implementation does not run."""
 

@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from dyqvla_ros.model.action_tokenizer import ActionStats, ActionTokenizer
-from dyqvla_ros.model.config import ACTION_DECODINGS
+from dyqvla_ros.model.config import check_action_decoding
 from dyqvla_ros.model.graphs import DecodeGraphs
 from dyqvla_ros.model.loader import LoadedOpenVLA
 from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
@@ -99,9 +99,7 @@ class VLAPolicy:
     ) -> None:
         if action_decoding is None:
             action_decoding = loaded.config.action_decoding
-        if action_decoding not in ACTION_DECODINGS:
-            raise ValueError(f"action_decoding must be one of {ACTION_DECODINGS}, got {action_decoding!r}")
-        self.action_decoding = action_decoding
+        self.action_decoding = check_action_decoding(action_decoding)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.stats = ActionStats.select(loaded.norm_stats, unnorm_key)
