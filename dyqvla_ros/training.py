@@ -218,7 +218,12 @@ class BehaviourCloning:
         self.tokenizer = ActionTokenizer(loaded.config.text_vocab_size, loaded.config.n_action_bins)
         self.targets = torch.as_tensor(self.tokenizer.encode(stats.normalize(actions)), dtype=torch.long)
         self.preprocess = ImagePreprocessor(self.model.vision_backbone.featurizers, loaded.config.image_size)
-        self.frames = torch.stack([_resized(s.image, loaded.config.image_size) for s in samples])
+        # Filled in place: a stack of per-sample copies would hold every frame twice at its peak
+        # (the 177k samples of stage 8 of the tabletop policy, 8.7 GB, then needed > 24 GB).
+        size = loaded.config.image_size
+        self.frames = torch.empty((len(samples), size, size, 3), dtype=torch.uint8)
+        for i, sample in enumerate(samples):
+            self.frames[i] = _resized(sample.image, size)
         prompts = {s.instruction: prompt_ids(loaded.tokenizer, s.instruction)[0] for s in samples}
         self.prompts = [prompts[s.instruction] for s in samples]
         self.n_samples = len(samples)

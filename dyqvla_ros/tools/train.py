@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.token_noise,
                 args.action_decoding,
             )
+            del samples  # the run holds its own copy of every frame
             if args.resume:
                 run.resume(args.out)
             progress = tqdm(
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
                 export_bf16(args.out, args.export)
     except (BagError, CheckpointError) as err:
         parser.exit(2, f"dyqvla-train: {err}\n")
-    print(f"trained {run.step} steps on {len(samples)} samples -> {args.out}")
+    print(f"trained {run.step} steps on {run.n_samples} samples -> {args.out}")
 
 
 if __name__ == "__main__":
