@@ -218,8 +218,9 @@ class BehaviourCloning:
         self.tokenizer = ActionTokenizer(loaded.config.text_vocab_size, loaded.config.n_action_bins)
         self.targets = torch.as_tensor(self.tokenizer.encode(stats.normalize(actions)), dtype=torch.long)
         self.preprocess = ImagePreprocessor(self.model.vision_backbone.featurizers, loaded.config.image_size)
-        # Filled in place: a stack of per-sample copies would hold every frame twice at its peak
-        # (the 177k samples of stage 8 of the tabletop policy, 8.7 GB, then needed > 24 GB).
+        # Filled in place: stacking a list of per-sample copies held that list and the stack
+        # beside the bag frames at its peak (177k tabletop frames, 8.7 GB each copy, were killed
+        # for memory at 24 GiB; in place they peaked at 18.3 GB resident).
         size = loaded.config.image_size
         self.frames = torch.empty((len(samples), size, size, 3), dtype=torch.uint8)
         for i, sample in enumerate(samples):
