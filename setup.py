@@ -48,6 +48,7 @@ setup(
             "dyqvla-demo = dyqvla_ros.tools.demo:main",
             "dyqvla-collect = dyqvla_ros.sim.collect:main",
             "dyqvla-train = dyqvla_ros.tools.train:main",
+            "dyqvla-average = dyqvla_ros.tools.average:main",
             "dyqvla-eval-sim = dyqvla_ros.tools.eval_sim:main",
             "dyqvla-sensitivity = dyqvla_ros.tools.sensitivity:main",
         ],

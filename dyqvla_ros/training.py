@@ -33,9 +33,17 @@ the 2x2 block of patches around the object's projection in the (shifted) camera 
 heads and layers are free. Training only: the policy's architecture and checkpoint are
 OpenVLA's, and inference runs the same attention without knowing it was supervised.
 
+Weight averaging (``ema_decay`` > 0): the checkpoint holds an exponential moving average
+of the weights (timm's ``ModelEmaV3``) instead of the last step's. Why: the last step's
+weights of one run are a noisy sample; the same data and recipe from two training seeds
+gave 48/200 and 88/200 closed-loop successes (TRAINING.md, round 6), while their action
+losses were alike. The decay warms up as timm's ``1 - (1 + step)^(-3/4)`` (averaging over
+roughly the last ``(1 + step)^(3/4)`` steps: ~400 at step 3000), capped at ``ema_decay``,
+so the average forgets the starting weights instead of keeping ``ema_decay^steps`` of them.
+
 The checkpoint is written in the OpenVLA format (``load_openvla`` reads it) with fp32
-weights, plus ``training_state.safetensors`` (optimizer moments, step; no pickle) so a
-run can be resumed.
+weights, plus ``training_state.safetensors`` (optimizer moments, step, and the raw
+weights when they are averaged; no pickle) so a run can be resumed.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from timm.utils.model_ema import ModelEmaV3
 
 from dyqvla_ros.bags.store import BagError, deserialize, iter_messages, typestore
 from dyqvla_ros.image_conversion import image_to_rgb
@@ -64,11 +73,14 @@ from dyqvla_ros.sim.scene import TABLE_TOP
 UNNORM_KEY = "dyqvla_sim"
 STATE_FILE = "training_state.safetensors"
 AUX_FILE = "auxiliary_heads.safetensors"
+RAW = "raw"  # training-state key suffix of a raw weight (the checkpoint holds the average)
 # /sim_state columns: the instruction-dependent ones (after the phase) and the scene.
 N_TASK = STATE_FIELDS.index("yaw_error")
 N_SCENE = len(STATE_FIELDS) - N_TASK - 1
 # Metres to decimetres and radians to ~quarter turns: auxiliary targets of order one.
 AUX_SCALE = np.array([10.0] * (N_TASK - 1) + [2.5] + [10.0] * N_SCENE, dtype=np.float32)
+# Weight averaging: timm's warm-up exponent for runs of thousands of steps (its docstring).
+EMA_WARMUP_POWER = 0.75
 # Attention supervision: which layer, and what heads 0, 1, 2 of it are told to look at.
 ATTENTION_LAYER = 1
 ATTENDED = ("instructed cube", "instructed target", "hand")
@@ -189,9 +201,10 @@ class BehaviourCloning:
 
     Augmentation: a random shift of up to ``shift`` pixels (edge-replicated padding, then
     a crop back to size), the standard remedy for behaviour cloning from few images
-    (DrQ, Kostrikov et al. 2020). Learning rate: linear warm-up over ``warmup`` steps,
-    then cosine decay to 10 % at ``total_steps``, a function of the step so that a
-    resumed run continues the same schedule.
+    (DrQ, Kostrikov et al. 2020). ``ema_decay`` > 0 averages the weights (module
+    docstring); the average is what ``save`` writes as the policy. Learning rate: linear
+    warm-up over ``warmup`` steps, then cosine decay to 10 % at ``total_steps``, a function
+    of the step so that a resumed run continues the same schedule.
     """
 
     def __init__(
@@ -207,7 +220,10 @@ class BehaviourCloning:
         attention_weight: float = 0.0,
         token_noise: float = 0.0,
         action_decoding: str | None = None,
+        ema_decay: float = 0.0,
     ) -> None:
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if action_decoding is not None:
             check_action_decoding(action_decoding)
         self.action_decoding = action_decoding  # written to config.json; None: keep the init's
@@ -248,6 +264,9 @@ class BehaviourCloning:
             self.patch = self.model.vision_backbone.featurizers[0].patch_embed.patch_size[0]
             self.model.language_model.set_attn_implementation("eager")  # returns attention weights
         self.optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+        self.ema_decay, self.ema = ema_decay, None
+        if ema_decay > 0:
+            self.ema = ModelEmaV3(self.model, decay=ema_decay, use_warmup=True, warmup_power=EMA_WARMUP_POWER)
         self.seed, self.step = seed, 0
         self.rng = np.random.default_rng([seed, 0])
 
@@ -347,14 +366,18 @@ class BehaviourCloning:
         torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], 1.0)
         self.optimizer.step()
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
         extra = [None if x is None else float(x.detach()) for x in (aux_loss, attention_loss)]
         return float(action_loss.detach()), *extra
 
     def save(self, out: Path) -> None:
-        """OpenVLA-format checkpoint (fp32) + optimizer state, each file replaced atomically."""
+        """OpenVLA-format checkpoint (fp32; the averaged weights if any) + optimizer state
+        (+ the raw weights), each file replaced atomically."""
         out.mkdir(parents=True, exist_ok=True)
         source = self.loaded.path
-        state = {k: v.detach().float().contiguous() for k, v in self.model.state_dict().items()}
+        policy = self.model if self.ema is None else self.ema.module
+        state = {k: v.detach().float().contiguous() for k, v in policy.state_dict().items()}
         _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         self.loaded.tokenizer.save_pretrained(str(out))
         norm_stats = {UNNORM_KEY: {"action": self.stats_dict, "num_transitions": self.n_samples}}
@@ -373,7 +396,9 @@ class BehaviourCloning:
                     opt_steps[name] = float(value)
                 elif torch.is_tensor(value) and value.dim() > 0:
                     moments[f"{name}/{key}"] = value.contiguous()
-        meta = {"step": str(self.step), "opt_step": json.dumps(opt_steps)}
+            if self.ema is not None and not name.startswith("auxiliary."):
+                moments[f"{name}/{RAW}"] = p.detach().contiguous()
+        meta = {"step": str(self.step), "opt_step": json.dumps(opt_steps), "ema_decay": str(self.ema_decay)}
         _atomic(out / STATE_FILE, lambda p: save_file(moments, str(p), metadata=meta))
 
     def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -383,7 +408,8 @@ class BehaviourCloning:
         return named
 
     def resume(self, out: Path) -> None:
-        """Restore optimizer moments, auxiliary heads and the step count written by ``save``."""
+        """Restore optimizer moments, auxiliary heads, the step count and (averaged runs) the
+        raw weights written by ``save``; the model was loaded from ``out``'s average."""
         if self.aux is not None:
             if not (out / AUX_FILE).is_file():
                 raise CheckpointError(f"--resume with auxiliary targets: {out} has no {AUX_FILE}")
@@ -392,9 +418,18 @@ class BehaviourCloning:
         names = self._named_parameters()
         with safe_open(str(out / STATE_FILE), framework="pt") as f:
             meta = f.metadata()
+            saved_decay = float(meta.get("ema_decay", 0.0))
+            if saved_decay != self.ema_decay:
+                raise CheckpointError(
+                    f"--resume: {out} was trained with --ema {saved_decay}, not {self.ema_decay}"
+                )
             opt_steps = json.loads(meta["opt_step"])
             for key in f.keys():
                 name, moment = key.rsplit("/", 1)
+                if moment == RAW:
+                    with torch.no_grad():
+                        names[name].copy_(f.get_tensor(key))
+                    continue
                 state = self.optimizer.state[names[name]]
                 state[moment] = f.get_tensor(key)
                 state["step"] = torch.tensor(float(opt_steps[name]))
@@ -409,8 +444,58 @@ def export_bf16(checkpoint: Path, out: Path) -> None:
     with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
         state = {k: f.get_tensor(k).to(torch.bfloat16).contiguous() for k in f.keys()}
     _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _copy_metadata(checkpoint, out)
+
+
+def average_checkpoints(checkpoints: list[Path], out: Path) -> None:
+    """The uniform average of the weights of several training runs (a "model soup",
+    Wortsman et al. 2022), written as one checkpoint of the inputs' dtype.
+
+    Why: runs of one recipe from different seeds differ far more in closed loop than in
+    loss (round 6 of TRAINING.md: 48/200 and 88/200 from two seeds); fine-tuned from one
+    starting checkpoint they stay in one basin, where the average is a better policy than a
+    single run is likely to be. The inputs must share ``config.json`` (architecture, and
+    the action statistics that say what each action bin means) and parameter shapes."""
+    if len(checkpoints) < 2:
+        raise CheckpointError(f"averaging needs at least two checkpoints, got {len(checkpoints)}")
+    for path in checkpoints:
+        for name in ("config.json", "dataset_statistics.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise CheckpointError(f"{path} is not a checkpoint: it has no {name}")
+    first = checkpoints[0]
+    for path in checkpoints[1:]:
+        for name in ("config.json", "dataset_statistics.json"):
+            if json.loads((path / name).read_text()) != json.loads((first / name).read_text()):
+                raise CheckpointError(
+                    f"{path / name} differs from {first / name}: only runs of one architecture "
+                    "on one dataset (the same action statistics) can be averaged"
+                )
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path in checkpoints:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            if total and set(f.keys()) != set(total):
+                raise CheckpointError(f"{path} has other parameters than {first}")
+            for key in f.keys():
+                weight = f.get_tensor(key)
+                if key not in total:
+                    total[key], dtypes[key] = weight.double(), weight.dtype
+                elif weight.shape != total[key].shape:
+                    shape, expected = tuple(weight.shape), tuple(total[key].shape)
+                    raise CheckpointError(f"{path}: {key} is {shape}, not {expected}")
+                else:
+                    total[key] += weight.double()
+    state = {k: (v / len(checkpoints)).to(dtypes[k]).contiguous() for k, v in total.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _copy_metadata(first, out)
+
+
+def _copy_metadata(checkpoint: Path, out: Path) -> None:
+    """Config, statistics and tokenizer of ``checkpoint`` into ``out``, world-readable."""
     for name in ("config.json", "dataset_statistics.json", "tokenizer.json", "tokenizer_config.json"):
-        _atomic(out / name, lambda p, name=name: p.write_bytes((checkpoint / name).read_bytes()))
+        if (checkpoint / name).is_file():
+            _atomic(out / name, lambda p, name=name: p.write_bytes((checkpoint / name).read_bytes()))
     for file in out.iterdir():
         file.chmod(0o644)  # safetensors writes 0600; a shipped file is world-readable
 

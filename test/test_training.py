@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 pytest.importorskip("mujoco", reason="mujoco is not installed")
 
 from test_sim import _renderer_available
 
 from dyqvla_ros.bags.store import BagError
-from dyqvla_ros.model import VLAPolicy, load_openvla
+from dyqvla_ros.model import CheckpointError, VLAPolicy, load_openvla
 from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.sim.collect import collect
 from dyqvla_ros.sim.expert import STATE_FIELDS
-from dyqvla_ros.tools import train
+from dyqvla_ros.tools import average, train
 from dyqvla_ros.training import (
     AUX_FILE,
+    EMA_WARMUP_POWER,
+    RAW,
     STATE_FILE,
     UNNORM_KEY,
     BehaviourCloning,
     action_statistics,
+    average_checkpoints,
     load_samples,
     patch_blocks,
 )
@@ -99,6 +105,89 @@ def test_token_noise_corrupts_only_the_teacher_forced_inputs(expert_bag):
     with torch.no_grad():
         assert float(run.loss(batch, augment=False)) == pytest.approx(float(clean.loss(batch, augment=False)))
         assert float(run.loss(batch)) != pytest.approx(float(clean.loss(batch)), rel=1e-4)
+
+
+def test_weight_average_follows_the_warmed_up_decay(expert_bag):
+    """The averaged weights are the exponential moving average of the raw ones, with decay
+    0 at the first step (the start is forgotten) and 1 - (1 + s)^(-3/4), capped, after."""
+    samples = load_samples([expert_bag])[:4]
+    run = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, shift=0, ema_decay=0.6)
+    expected = None
+    for step in range(1, 5):
+        run.train_step(2)
+        raw = {k: v.detach().clone() for k, v in run.model.named_parameters()}
+        decay = 0.0 if step == 1 else min(0.6, 1 - step**-EMA_WARMUP_POWER)
+        expected = raw if expected is None else {k: decay * expected[k] + (1 - decay) * raw[k] for k in raw}
+    averaged = dict(run.ema.module.named_parameters())
+    assert all(torch.allclose(averaged[k], expected[k], atol=1e-6) for k in expected)
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw)
+    with pytest.raises(ValueError, match="ema_decay"):
+        BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, ema_decay=1.0)
+
+
+def test_averaged_run_saves_the_average_and_resumes_the_raw_weights(expert_bag, tmp_path):
+    out = tmp_path / "averaged"
+    train.main([str(expert_bag), "--out", str(out), "--steps", "3", "--batch", "2", "--ema", "0.9"])
+    saved = load_openvla(out).model.state_dict()
+    with safe_open(str(out / STATE_FILE), framework="pt") as f:
+        raw = {k.rsplit("/", 1)[0]: f.get_tensor(k) for k in f.keys() if k.endswith(f"/{RAW}")}
+    assert raw and any(not torch.equal(saved[k], raw[k]) for k in raw)
+    run = BehaviourCloning(load_openvla(out), load_samples([expert_bag])[:2], 1e-3, 0, ema_decay=0.9)
+    run.resume(out)
+    assert all(torch.equal(p, raw[k]) for k, p in run.model.named_parameters())
+    assert all(torch.equal(p, saved[k]) for k, p in run.ema.module.named_parameters())
+    plain = BehaviourCloning(load_openvla(out), load_samples([expert_bag])[:2], 1e-3, 0)
+    with pytest.raises(CheckpointError, match=r"--ema 0\.9"):
+        plain.resume(out)
+    with pytest.raises(SystemExit):
+        train.main([str(expert_bag), "--out", str(tmp_path / "bad"), "--ema", "1.5"])
+
+
+def test_average_of_checkpoints_is_the_mean_of_their_weights(tmp_path):
+    tiny = ensure_tiny_openvla()
+    runs = []
+    for i, shift in enumerate((0.0, 1.0, 5.0)):
+        run = tmp_path / f"run{i}"
+        shutil.copytree(tiny, run)
+        with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
+            moved = {k: (f.get_tensor(k).float() + shift).contiguous() for k in f.keys()}
+        save_file(moved, str(run / "model.safetensors"))
+        runs.append(run)
+    average.main([*map(str, runs), "--out", str(tmp_path / "soup"), "--export", str(tmp_path / "ship")])
+    with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
+        start = {k: f.get_tensor(k).float() for k in f.keys()}
+    soup = load_openvla(tmp_path / "soup").model.state_dict()
+    assert all(torch.allclose(soup[k], start[k] + 2.0, atol=1e-5) for k in start)
+    with safe_open(str(tmp_path / "ship" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert VLAPolicy(load_openvla(tmp_path / "ship")).stats.key == VLAPolicy(load_openvla(tiny)).stats.key
+
+
+def test_average_refuses_checkpoints_of_other_data_or_shapes(tmp_path):
+    tiny = ensure_tiny_openvla()
+    other = tmp_path / "other"
+    shutil.copytree(tiny, other)
+    stats = json.loads((other / "dataset_statistics.json").read_text())
+    next(iter(stats.values()))["action"]["q99"][0] += 0.1
+    (other / "dataset_statistics.json").write_text(json.dumps(stats))
+    with pytest.raises(CheckpointError, match="same action statistics"):
+        average_checkpoints([tiny, other], tmp_path / "out")
+    with pytest.raises(CheckpointError, match="at least two"):
+        average_checkpoints([tiny], tmp_path / "out")
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        average_checkpoints([tiny, tmp_path], tmp_path / "out")
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(tiny, reshaped)
+    with safe_open(str(tiny / "model.safetensors"), framework="pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    key = next(iter(weights))
+    weights[key] = weights[key].flatten()[:-1].contiguous()
+    save_file(weights, str(reshaped / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{key} is"):
+        average_checkpoints([tiny, reshaped], tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        average.main([str(tiny), str(other), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth(expert_bag):
@@ -185,8 +274,6 @@ def test_train_saves_a_loadable_checkpoint_and_resumes(expert_bag, tmp_path):
         ]
     )
     assert VLAPolicy(load_openvla(out)).action_decoding == "median"  # written to config.json
-    from safetensors import safe_open
-
     with safe_open(str(out / STATE_FILE), framework="pt") as f:
         assert f.metadata()["step"] == "3"
     with pytest.raises(SystemExit):

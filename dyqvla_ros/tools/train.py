@@ -53,6 +53,14 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="probability of replacing each teacher-forced action token by a random one",
     )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        metavar="DECAY",
+        help="save an exponential moving average of the weights, decay warming up to DECAY "
+        "(e.g. 0.999; 0: the last step's weights)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--action-bins", type=int, default=256, help="action bins of a new tiny model (OpenVLA: 256)"
@@ -66,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from --out")
     parser.add_argument("--export", type=Path, help="also write a bf16 copy without optimizer state here")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.ema < 1.0:
+        parser.error(f"--ema must be in [0, 1), got {args.ema}")
     torch.manual_seed(args.seed)
     try:
         samples = load_samples(args.bags)
@@ -88,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.attention_weight,
                 args.token_noise,
                 args.action_decoding,
+                args.ema,
             )
             del samples  # the run holds its own copy of every frame
             if args.resume:
