@@ -67,7 +67,13 @@ from dyqvla_ros.bags.store import BagError, deserialize, iter_messages, typestor
 from dyqvla_ros.image_conversion import image_to_rgb
 from dyqvla_ros.model.action_tokenizer import ActionStats, ActionTokenizer
 from dyqvla_ros.model.config import check_action_decoding
-from dyqvla_ros.model.loader import CheckpointError, LoadedOpenVLA
+from dyqvla_ros.model.loader import (
+    TOKENIZER_FILES,
+    CheckpointError,
+    LoadedOpenVLA,
+    inspect_checkpoint,
+    read_tensors,
+)
 from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
 from dyqvla_ros.sim.env import TabletopEnv, camera_pixels
 from dyqvla_ros.sim.expert import PHASES, STATE_FIELDS
@@ -381,7 +387,7 @@ class BehaviourCloning:
         source = self.loaded.path
         policy = self.model if self.ema is None else self.ema.module
         state = {k: v.detach().float().contiguous() for k, v in policy.state_dict().items()}
-        _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        _save_weights(out, state)
         self.loaded.tokenizer.save_pretrained(str(out))
         norm_stats = {UNNORM_KEY: {"action": self.stats_dict, "num_transitions": self.n_samples}}
         config = {**json.loads((source / "config.json").read_text()), "norm_stats": norm_stats}
@@ -443,10 +449,9 @@ class BehaviourCloning:
 def export_bf16(checkpoint: Path, out: Path) -> None:
     """A deployable copy of a training checkpoint: bf16 weights (as OpenVLA ships), no
     optimizer state. The node and the evaluation load it as any OpenVLA checkpoint."""
+    weights = read_tensors(inspect_checkpoint(checkpoint).weight_files, torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
-    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
-        state = {k: f.get_tensor(k).to(torch.bfloat16).contiguous() for k in f.keys()}
-    _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _save_weights(out, {k: v.contiguous() for k, v in weights.items()})
     _copy_metadata(checkpoint, out)
 
 
@@ -463,43 +468,43 @@ def average_checkpoints(checkpoints: list[Path], out: Path) -> None:
     say what each action bin means) and parameter shapes."""
     if len(checkpoints) < 2:
         raise CheckpointError(f"averaging needs at least two checkpoints, got {len(checkpoints)}")
-    for path in checkpoints:
-        for name in ("config.json", "dataset_statistics.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise CheckpointError(f"{path} is not a checkpoint: it has no {name}")
-    first = checkpoints[0]
-    for path in checkpoints[1:]:
-        for name in ("config.json", "dataset_statistics.json"):
-            if json.loads((path / name).read_text()) != json.loads((first / name).read_text()):
-                raise CheckpointError(
-                    f"{path / name} differs from {first / name}: only runs of one architecture "
-                    "on one dataset (the same action statistics) can be averaged"
-                )
+    inspected = [inspect_checkpoint(path) for path in checkpoints]  # a specific error for each
+    first, config = checkpoints[0], json.loads((checkpoints[0] / "config.json").read_text())
+    for path, checkpoint in zip(checkpoints[1:], inspected[1:], strict=True):
+        same_config = json.loads((path / "config.json").read_text()) == config
+        if not same_config or checkpoint.norm_stats != inspected[0].norm_stats:
+            raise CheckpointError(
+                f"{path} differs from {first} in config.json or dataset_statistics.json: only runs "
+                "of one architecture on one dataset (the same action statistics) can be averaged"
+            )
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
-    for path in checkpoints:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            if total and set(f.keys()) != set(total):
-                raise CheckpointError(f"{path} has other parameters than {first}")
-            for key in f.keys():
-                weight = f.get_tensor(key)
-                if key not in total:
-                    total[key], dtypes[key] = weight.double(), weight.dtype
-                elif weight.shape != total[key].shape:
-                    shape, expected = tuple(weight.shape), tuple(total[key].shape)
-                    raise CheckpointError(f"{path}: {key} is {shape}, not {expected}")
-                else:
-                    total[key] += weight.double()
+    for path, checkpoint in zip(checkpoints, inspected, strict=True):
+        weights = read_tensors(checkpoint.weight_files, None)
+        if total and weights.keys() != total.keys():
+            raise CheckpointError(f"{path} has other parameters than {first}")
+        for key, weight in weights.items():
+            if key not in total:
+                total[key], dtypes[key] = weight.double(), weight.dtype
+            elif weight.shape != total[key].shape:
+                shape, expected = tuple(weight.shape), tuple(total[key].shape)
+                raise CheckpointError(f"{path}: {key} is {shape}, not {expected}")
+            else:
+                total[key] += weight.double()
     state = {k: (v / len(checkpoints)).to(dtypes[k]).contiguous() for k, v in total.items()}
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _save_weights(out, state)
     _copy_metadata(first, out)
+
+
+def _save_weights(out: Path, state: dict[str, torch.Tensor]) -> None:
+    _atomic(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
 
 
 def _copy_metadata(checkpoint: Path, out: Path) -> None:
     """Config, statistics and tokenizer of ``checkpoint`` into ``out``, world-readable."""
-    for name in ("config.json", "dataset_statistics.json", "tokenizer.json", "tokenizer_config.json"):
-        if (checkpoint / name).is_file():
+    for name in ("config.json", "dataset_statistics.json", "tokenizer_config.json", *TOKENIZER_FILES):
+        if (checkpoint / name).is_file():  # the inspection asked for the ones a checkpoint needs
             _atomic(out / name, lambda p, name=name: p.write_bytes((checkpoint / name).read_bytes()))
     for file in out.iterdir():
         file.chmod(0o644)  # safetensors writes 0600; a shipped file is world-readable

@@ -72,7 +72,8 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_tensors(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor of the (sharded) weight files, floating ones cast to ``dtype`` (None: as stored)."""
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
         try:
@@ -80,7 +81,7 @@ def _read_tensors(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tens
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from err
         for name, tensor in part.items():
-            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     return tensors
 
 
@@ -117,13 +118,13 @@ def build_model(config: OpenVLAConfig, device: str | torch.device = "meta") -> O
 
 
 @dataclass
-class _Checkpoint:
+class Checkpoint:
     config: OpenVLAConfig
     norm_stats: dict[str, Any]
     weight_files: list[Path]
 
 
-def _inspect_checkpoint(path: Path) -> _Checkpoint:
+def inspect_checkpoint(path: Path) -> Checkpoint:
     """Validate the directory's files (not the tensors) with a specific message each."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
@@ -139,7 +140,7 @@ def _inspect_checkpoint(path: Path) -> _Checkpoint:
     norm_stats = _read_json(stats_file) if stats_file.is_file() else config.norm_stats
     if not norm_stats:
         raise CheckpointError(f"{path} has no dataset_statistics.json and config.json has no norm_stats")
-    return _Checkpoint(config, norm_stats, _weight_files(path))
+    return Checkpoint(config, norm_stats, _weight_files(path))
 
 
 def _load_tokenizer(path: Path, config: OpenVLAConfig) -> PreTrainedTokenizerBase:
@@ -165,9 +166,9 @@ def load_openvla(
 ) -> LoadedOpenVLA:
     """Load model, tokenizer and statistics from a local checkpoint directory."""
     path = Path(path).expanduser()
-    checkpoint = _inspect_checkpoint(path)
+    checkpoint = inspect_checkpoint(path)
     model = build_model(checkpoint.config)
-    tensors = _read_tensors(checkpoint.weight_files, dtype)
+    tensors = read_tensors(checkpoint.weight_files, dtype)
     _check_state(model, tensors, path)
     model.load_state_dict(tensors, strict=True, assign=True)
     _finish(model, device, path)
@@ -213,7 +214,7 @@ def load_quantized_openvla(
     without reading the full-precision weights or re-quantizing.
     """
     path = Path(path).expanduser()
-    checkpoint = _inspect_checkpoint(path)
+    checkpoint = inspect_checkpoint(path)
     cache_dir = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
     cached = cache_dir / f"{path.name}-w4-{_cache_key(path, group_size, quantize_vision, dtype)}.safetensors"
     patterns = quantization_patterns(quantize_vision)
