@@ -50,6 +50,7 @@ setup(
             "dyqvla-train = dyqvla_ros.tools.train:main",
             "dyqvla-average = dyqvla_ros.tools.average:main",
             "dyqvla-eval-sim = dyqvla_ros.tools.eval_sim:main",
+            "dyqvla-compare = dyqvla_ros.tools.compare:main",
             "dyqvla-sensitivity = dyqvla_ros.tools.sensitivity:main",
         ],
     },

@@ -22,10 +22,10 @@ from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.precision import PrecisionController
 from dyqvla_ros.sim.collect import collect
 from dyqvla_ros.sim.env import TabletopEnv
-from dyqvla_ros.sim.evaluation import summarize_mode, table, wilson_interval
+from dyqvla_ros.sim.evaluation import paired_comparison, paired_table, summarize_mode, table, wilson_interval
 from dyqvla_ros.sim.rollout import ClosedLoop
 from dyqvla_ros.sim.sensitivity import Perturbation, correlations, perturb_episode
-from dyqvla_ros.tools import eval_sim
+from dyqvla_ros.tools import compare, eval_sim
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,44 @@ def test_summary_and_table_rows():
     assert lines[3].startswith("| dynamic (DyQ) | 1/2 (50.0%)") and "| 100.0% |" in lines[3]
 
 
+def _episodes(solved: set[int], seeds: range = range(10)) -> list[dict]:
+    return [{"seed": s, "success": s in solved, "bits": [16], "latency_s": [0.01]} for s in seeds]
+
+
+def test_paired_comparison_counts_discordant_episodes():
+    # 6 episodes only the second run solved, none only the first: p = 2 * 0.5**6.
+    pair = paired_comparison(_episodes({0, 1}), _episodes({0, 1, 2, 3, 4, 5, 6, 7}))
+    assert pair == {"only_first": 0, "only_second": 6, "p": pytest.approx(0.03125)}
+    pair = paired_comparison(_episodes({0, 1, 2}), _episodes({2, 3}))  # 2 vs 1: p = 1
+    assert (pair["only_first"], pair["only_second"], pair["p"]) == (2, 1, pytest.approx(1.0))
+    assert paired_comparison(_episodes(set()), _episodes(set()))["p"] == 1.0  # nothing differs
+    with pytest.raises(ValueError, match="not the same seeds: 2 seeds"):
+        paired_comparison(_episodes(set()), _episodes(set(), range(1, 11)))
+    row = {"mode": "dynamic", "paired": paired_comparison(_episodes({0}), _episodes({1, 2}))}
+    assert paired_table([{"mode": "16"}, row]).splitlines()[2] == "| dynamic | 1 | 2 | 1 |"
+
+
+def test_compare_cli_pairs_two_runs(tmp_path, capsys):
+    a, b, both = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "both.json"
+    a.write_text(json.dumps({"episodes": {"16": _episodes({0, 1})}}))
+    b.write_text(json.dumps({"episodes": {"dynamic": _episodes({0, 1, 2, 3, 4, 5, 6, 7})}}))
+    both.write_text(json.dumps({"episodes": {"16": _episodes({0}), "4": _episodes({0, 1})}}))
+    compare.main([str(a), str(b)])
+    printed = capsys.readouterr().out
+    assert f"{a}:16: 2/10  {b}:dynamic: 8/10" in printed
+    assert "by the first only: 0, by the second only: 6, exact McNemar p = 0.031" in printed
+    compare.main([f"{both}:16", str(a)])
+    assert "by the first only: 0, by the second only: 1, exact McNemar p = 1" in capsys.readouterr().out
+    for bad, message in (
+        ([str(both), str(a)], "name one as"),
+        ([f"{both}:8", str(a)], "has no mode '8'"),
+        ([str(tmp_path / "missing.json"), str(a)], "not a dyqvla-eval-sim output"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            compare.main(bad)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("source", ["command", "ee_pose"])
 def test_closed_loop_runs_the_node_stack(renderer, tiny_policy, source):
     loop = _loop(tiny_policy, "dynamic", max_steps=8, source=source)
@@ -141,6 +179,9 @@ def test_eval_sim_cli_writes_json_and_table(renderer, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert [r["mode"] for r in report["rows"]] == ["16", "2"]
     assert report["rows"][1]["bit_share"]["2"] == 1.0 and report["rows"][1]["steps"] == 6
+    assert "paired" not in report["rows"][0]
+    assert report["rows"][1]["paired"] == {"only_first": 0, "only_second": 0, "p": 1.0}
+    assert "| A2 | 0 | 0 | 1 |" in printed
     assert report["episodes"]["2"][0]["seed"] == eval_sim.DEFAULT_EVAL_SEED
     with pytest.raises(SystemExit):
         eval_sim.main(["--episodes", "0"])

@@ -9,8 +9,10 @@ the episode seeds S, S+1, ..., S+N-1 (the shipped policy was trained on seeds be
 
 Prints a table shaped like the paper's Table I (success with a Wilson 95 % interval,
 success relative to A16, mean activation bits, share of steps per width, policy
-latency per step on this machine, weight bytes) and writes everything, per-episode
-records included, to ``--out`` as JSON.
+latency per step on this machine, weight bytes) and, when A16 ran, each other mode
+paired with it on the same episodes (solved by only one of the two, exact McNemar p);
+writes everything, per-episode records included, to ``--out`` as JSON
+(``dyqvla-compare`` pairs runs of different checkpoints or calibrations).
 
 ``--workers W`` splits the seeds into W contiguous blocks run in parallel processes
 (one torch thread each); each block's controller starts fresh (its first 10 steps warm
@@ -40,7 +42,7 @@ from dyqvla_ros.model.loader import load_quantized_openvla
 from dyqvla_ros.precision import PRECISION_MODES, PrecisionController
 from dyqvla_ros.quant import weight_bytes
 from dyqvla_ros.sim.env import TabletopEnv
-from dyqvla_ros.sim.evaluation import summarize_mode, table
+from dyqvla_ros.sim.evaluation import paired_comparison, paired_table, summarize_mode, table
 from dyqvla_ros.sim.rollout import SIM_KINEMATIC_SOURCES, ClosedLoop
 
 DEFAULT_EVAL_SEED = 100_000
@@ -146,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     for mode in args.precision:
         episodes[mode] = evaluate_mode(args, mode)
         rows.append(summarize_mode(mode, episodes[mode], model_bytes))
+    if "16" in episodes:
+        for row in rows:
+            if row["mode"] != "16":
+                row["paired"] = paired_comparison(episodes["16"], episodes[row["mode"]])
     report = {
         "model": str(args.model or embedded_policy_path()),
         "calibration": str(args.calibration) if args.calibration else None,
@@ -161,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(table(rows))
+    if any("paired" in r for r in rows):
+        print(paired_table(rows))
     last = args.seed + args.episodes - 1
     seeds = f"seeds {args.seed}..{last}"
     print(f"{args.episodes} episodes per mode, {seeds}, {decoding} decoding; wrote {args.out}")
