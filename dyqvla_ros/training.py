@@ -416,14 +416,28 @@ class BehaviourCloning:
             named |= {f"auxiliary.{k}": v for k, v in self.aux.named_parameters()}
         return named
 
+    def load_auxiliary_heads(self, checkpoint: Path, why: str) -> None:
+        """The auxiliary heads a run saved beside ``checkpoint`` (``why`` names the option
+        that asked, for the error). A fine-tune that starts them fresh spends its first
+        steps with readouts that are wrong by several units of loss, whose gradients reach
+        the trunk the ``--init`` checkpoint trained."""
+        if self.aux is None:
+            raise CheckpointError(f"{why}: this run has no auxiliary targets (--aux-weight 0)")
+        if not (checkpoint / AUX_FILE).is_file():
+            raise CheckpointError(f"{why} with auxiliary targets: {checkpoint} has no {AUX_FILE}")
+        with safe_open(str(checkpoint / AUX_FILE), framework="pt") as f:
+            heads = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            self.aux.load_state_dict(heads)
+        except RuntimeError as err:
+            message = f"{why}: {checkpoint / AUX_FILE} does not fit this run's heads: {err}"
+            raise CheckpointError(message) from err
+
     def resume(self, out: Path) -> None:
         """Restore optimizer moments, auxiliary heads, the step count and (averaged runs) the
         raw weights written by ``save``; the model was loaded from ``out``'s average."""
         if self.aux is not None:
-            if not (out / AUX_FILE).is_file():
-                raise CheckpointError(f"--resume with auxiliary targets: {out} has no {AUX_FILE}")
-            with safe_open(str(out / AUX_FILE), framework="pt") as f:
-                self.aux.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+            self.load_auxiliary_heads(out, "--resume")
         names = self._named_parameters()
         with safe_open(str(out / STATE_FILE), framework="pt") as f:
             meta = f.metadata()

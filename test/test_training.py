@@ -278,3 +278,32 @@ def test_train_saves_a_loadable_checkpoint_and_resumes(expert_bag, tmp_path):
         assert f.metadata()["step"] == "3"
     with pytest.raises(SystemExit):
         train.main([str(expert_bag), "--out", str(tmp_path / "none"), "--steps", "1", "--resume"])
+
+
+def test_init_aux_heads_start_from_the_init_runs_heads(expert_bag, tmp_path, capsys):
+    first, fresh, kept = tmp_path / "first", tmp_path / "fresh", tmp_path / "kept"
+    common = ["--batch", "2", "--aux-weight", "1.0", "--steps", "1", "--lr", "0"]
+    train.main([str(expert_bag), "--out", str(first), "--seed", "0", *common])
+    saved = _heads(first)
+    # lr 0: the saved heads are the ones each run started from.
+    train.main([str(expert_bag), "--out", str(fresh), "--init", str(first), "--seed", "1", *common])
+    keep = ["--init", str(first), "--seed", "1", "--init-aux-heads"]
+    train.main([str(expert_bag), "--out", str(kept), *keep, *common])
+    assert all(torch.equal(saved[k], v) for k, v in _heads(kept).items())
+    assert not all(torch.equal(saved[k], v) for k, v in _heads(fresh).items())
+    (first / AUX_FILE).unlink()
+    for argv, message in (
+        ([*common, "--init", str(first)], "has no auxiliary_heads.safetensors"),
+        (["--batch", "2", "--steps", "1", "--init", str(kept)], "no auxiliary targets"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            train.main([str(expert_bag), "--out", str(tmp_path / "bad"), "--init-aux-heads", *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main([str(expert_bag), "--out", str(tmp_path / "bad"), "--init-aux-heads", *common])
+    assert "--init-aux-heads needs --init" in capsys.readouterr().err
+
+
+def _heads(checkpoint) -> dict[str, torch.Tensor]:
+    with safe_open(str(checkpoint / AUX_FILE), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}

@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("bags", type=Path, nargs="+")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     parser.add_argument("--init", type=Path, help="starting checkpoint (default: a tiny model from --seed)")
+    parser.add_argument(
+        "--init-aux-heads",
+        action="store_true",
+        help="start the auxiliary heads from those --init's run saved (default: fresh heads)",
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0.0 <= args.ema < 1.0:
         parser.error(f"--ema must be in [0, 1), got {args.ema}")
+    if args.init_aux_heads and not args.init:
+        parser.error("--init-aux-heads needs --init")
     torch.manual_seed(args.seed)
     try:
         samples = load_samples(args.bags)
@@ -103,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
             del samples  # the run holds its own copy of every frame
             if args.resume:
                 run.resume(args.out)
+            elif args.init_aux_heads:
+                run.load_auxiliary_heads(args.init, "--init-aux-heads")
             progress = tqdm(
                 range(run.step, args.steps), desc="training", unit="step", initial=run.step, total=args.steps
             )
