@@ -230,6 +230,7 @@ class BehaviourCloning:
         token_noise: float = 0.0,
         action_decoding: str | None = None,
         ema_decay: float = 0.0,
+        keep_statistics: bool = False,
     ) -> None:
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -238,8 +239,20 @@ class BehaviourCloning:
         self.action_decoding = action_decoding  # written to config.json; None: keep the init's
         self.loaded, self.model = loaded, loaded.model
         actions = np.stack([s.action for s in samples])
-        self.stats_dict = action_statistics(actions)
-        stats = ActionStats.select({UNNORM_KEY: {"action": self.stats_dict}}, UNNORM_KEY)
+        if keep_statistics:
+            # A fine-tune on other bags of the same task: new statistics would move every
+            # bin boundary (a bin of Δx is ~2 mm at 32 bins) under weights trained on the old.
+            if UNNORM_KEY not in loaded.norm_stats:
+                raise CheckpointError(
+                    f"{loaded.path} has no {UNNORM_KEY!r} action statistics to keep "
+                    f"(it has {sorted(loaded.norm_stats)}); keep_statistics needs a tabletop checkpoint"
+                )
+            self.norm_stats = {UNNORM_KEY: loaded.norm_stats[UNNORM_KEY]}
+        else:
+            self.norm_stats = {
+                UNNORM_KEY: {"action": action_statistics(actions), "num_transitions": len(samples)}
+            }
+        stats = ActionStats.select(self.norm_stats, UNNORM_KEY)
         self.tokenizer = ActionTokenizer(loaded.config.text_vocab_size, loaded.config.n_action_bins)
         self.targets = torch.as_tensor(self.tokenizer.encode(stats.normalize(actions)), dtype=torch.long)
         self.preprocess = ImagePreprocessor(self.model.vision_backbone.featurizers, loaded.config.image_size)
@@ -389,7 +402,7 @@ class BehaviourCloning:
         state = {k: v.detach().float().contiguous() for k, v in policy.state_dict().items()}
         _save_weights(out, state)
         self.loaded.tokenizer.save_pretrained(str(out))
-        norm_stats = {UNNORM_KEY: {"action": self.stats_dict, "num_transitions": self.n_samples}}
+        norm_stats = self.norm_stats
         config = {**json.loads((source / "config.json").read_text()), "norm_stats": norm_stats}
         if self.action_decoding is not None:
             config["dyqvla_action_decoding"] = self.action_decoding

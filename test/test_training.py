@@ -307,3 +307,32 @@ def test_init_aux_heads_start_from_the_init_runs_heads(expert_bag, tmp_path, cap
 def _heads(checkpoint) -> dict[str, torch.Tensor]:
     with safe_open(str(checkpoint / AUX_FILE), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_keep_statistics_tokenizes_with_the_inits_statistics(expert_bag, tmp_path, capsys):
+    first, kept = tmp_path / "first", tmp_path / "kept"
+    train.main([str(expert_bag), "--out", str(first), "--batch", "2", "--steps", "1"])
+    stats_file = first / "dataset_statistics.json"
+    bags_stats = json.loads(stats_file.read_text())
+    wider = json.loads(stats_file.read_text())
+    action = wider[UNNORM_KEY]["action"]
+    action["q01"] = [2.0 * q for q in action["q01"]]  # another dataset's span of the same task
+    action["q99"] = [2.0 * q for q in action["q99"]]
+    stats_file.write_text(json.dumps(wider))
+    samples = load_samples([expert_bag])
+    runs = {
+        keep: BehaviourCloning(load_openvla(first), samples, 1e-3, 0, keep_statistics=keep)
+        for keep in (False, True)
+    }
+    assert runs[True].norm_stats == wider and runs[False].norm_stats == bags_stats
+    moved = (runs[True].targets != runs[False].targets).float().mean()
+    assert moved > 0.2  # the same actions fall in other bins under the kept statistics
+    fine_tune = ["--init", str(first), "--keep-statistics", "--steps", "1"]
+    train.main([str(expert_bag), "--out", str(kept), *fine_tune])
+    assert json.loads((kept / "dataset_statistics.json").read_text()) == wider
+    assert json.loads((kept / "config.json").read_text())["norm_stats"] == wider
+    with pytest.raises(CheckpointError, match="no 'dyqvla_sim' action statistics to keep"):
+        BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, keep_statistics=True)
+    with pytest.raises(SystemExit):
+        train.main([str(expert_bag), "--out", str(tmp_path / "bad"), "--keep-statistics"])
+    assert "--keep-statistics needs --init" in capsys.readouterr().err

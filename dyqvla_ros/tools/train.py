@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="start the auxiliary heads from those --init's run saved (default: fresh heads)",
     )
+    parser.add_argument(
+        "--keep-statistics",
+        action="store_true",
+        help="normalise actions with the --init's statistics, not the bags' (a fine-tune on the same task)",
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -81,8 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0.0 <= args.ema < 1.0:
         parser.error(f"--ema must be in [0, 1), got {args.ema}")
-    if args.init_aux_heads and not args.init:
-        parser.error("--init-aux-heads needs --init")
+    needs_init = {"--init-aux-heads": args.init_aux_heads, "--keep-statistics": args.keep_statistics}
+    for flag, given in needs_init.items():
+        if given and not args.init:
+            parser.error(f"{flag} needs --init")
     torch.manual_seed(args.seed)
     try:
         samples = load_samples(args.bags)
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.token_noise,
                 args.action_decoding,
                 args.ema,
+                args.keep_statistics,
             )
             del samples  # the run holds its own copy of every frame
             if args.resume:
