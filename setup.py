@@ -52,6 +52,7 @@ setup(
             "dyqvla-eval-sim = dyqvla_ros.tools.eval_sim:main",
             "dyqvla-compare = dyqvla_ros.tools.compare:main",
             "dyqvla-sensitivity = dyqvla_ros.tools.sensitivity:main",
+            "dyqvla-diagnose = dyqvla_ros.tools.diagnose:main",
         ],
     },
 )

@@ -83,7 +83,9 @@ def test_batched_loss_equals_the_mean_of_single_sample_losses(expert_bag):
     """Right padding never leaks into the action positions: a batch of prompts of different
     lengths gives the mean of each sample's own loss."""
     samples = load_samples([expert_bag])
-    samples[1].instruction = "put the green cube on the blue target"  # a longer prompt than [0]
+    # A longer prompt than [0]'s ("put the C cube on the T target"): "gently" is not one of the
+    # tiny tokenizer's whole words, so it is spelled out in characters.
+    samples[1].instruction = "gently put the green cube on the blue target"
     run = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples[:2], lr=1e-3, seed=0, shift=0)
     run.model.eval()
     with torch.no_grad():

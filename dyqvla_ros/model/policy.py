@@ -70,6 +70,9 @@ class VLAAction:
     normalized: np.ndarray  # (D,) in [-1, 1]
     action: np.ndarray  # (D,) un-normalised to the dataset's action space
     bits: int
+    # (D, n_bins) softmax over the action tokens, in token-id order, when the policy's
+    # ``keep_distributions`` is set (failure analysis); None otherwise.
+    distributions: np.ndarray | None = None
 
 
 class VLAPolicy:
@@ -116,6 +119,7 @@ class VLAPolicy:
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.language_model.get_input_embeddings().weight.dtype
         self._last_decode_bits = 16
+        self.keep_distributions = False  # VLAAction.distributions: off in the node (a copy per token)
         self._action_mask: torch.Tensor | None = None
         if restrict_to_actions:
             vocab = self.model.language_model.config.vocab_size
@@ -209,7 +213,8 @@ class VLAPolicy:
             state.cache.crop(-extra)  # back to the prefill (a negative count removes tokens)
         graphs = self._graphs if state.cache is self._static_cache else None
         token = state.last_token
-        tokens = []
+        action_ids = self.action_tokenizer.token_ids
+        tokens, distributions = [], []
         with self._precision(bits):
             for i in range(self.action_dim):
                 position = state.length + i
@@ -218,8 +223,10 @@ class VLAPolicy:
                 else:
                     logits = self._decode_forward(state.cache, token, position)
                 logits = logits.float()
+                if self.keep_distributions:
+                    distributions.append(torch.softmax(logits[:, action_ids.start : action_ids.stop], -1))
                 if self.action_decoding == "median":
-                    token = median_action_token(logits, self.action_tokenizer.token_ids)
+                    token = median_action_token(logits, action_ids)
                 else:
                     if self._action_mask is not None:
                         logits = logits + self._action_mask
@@ -228,7 +235,8 @@ class VLAPolicy:
         self._last_decode_bits = bits
         ids = torch.cat(tokens, dim=1)[0].cpu().numpy()  # one device sync per step
         normalized = self.action_tokenizer.decode(ids)
-        return VLAAction(ids, normalized, self.stats.unnormalize(normalized), bits)
+        kept = torch.cat(distributions).cpu().numpy() if distributions else None
+        return VLAAction(ids, normalized, self.stats.unnormalize(normalized), bits, kept)
 
     def _decode_forward(self, cache, token: torch.Tensor, position: int) -> torch.Tensor:
         positions = torch.tensor([position], device=self.device)

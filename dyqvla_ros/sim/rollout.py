@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,7 @@ class StepLog:
     action: np.ndarray  # the un-normalised action sent to the environment
     motion_fineness: float  # M_t (NaN when the step had no usable motion)
     angular_jerk: float  # J_t (NaN likewise)
+    distributions: np.ndarray | None = None  # VLAAction.distributions (policy.keep_distributions)
 
 
 @dataclass
@@ -92,19 +94,29 @@ class ClosedLoop:
             action=out.action,
             motion_fineness=last.motion_fineness if last else math.nan,
             angular_jerk=last.angular_jerk if last else math.nan,
+            distributions=out.distributions,
         )
         return log, out.action
 
-    def run(self, seed: int) -> EpisodeResult:
+    def run(self, seed: int, watch: Callable[[StepLog], None] | None = None) -> EpisodeResult:
         """One episode from ``env.reset(seed)`` until success or the step limit."""
         obs = self.reset(seed)
-        return self.finish(EpisodeResult(seed, obs.instruction, False), obs, None)
+        return self.finish(EpisodeResult(seed, obs.instruction, False), obs, None, watch)
 
-    def finish(self, result: EpisodeResult, obs: Observation, motion: Motion | None) -> EpisodeResult:
-        """Run the episode on from ``obs`` until success or the step limit."""
+    def finish(
+        self,
+        result: EpisodeResult,
+        obs: Observation,
+        motion: Motion | None,
+        watch: Callable[[StepLog], None] | None = None,
+    ) -> EpisodeResult:
+        """Run the episode on from ``obs`` until success or the step limit; ``watch`` sees
+        each step's log while ``env`` still holds the state the step was decided in."""
         done = False
         while not done:
             log, action = self.step(obs, motion)
+            if watch is not None:
+                watch(log)
             result.steps.append(log)
             obs, done, result.success = self.env.step(action)
             motion = self.motion(action, obs)
