@@ -402,7 +402,7 @@ class BehaviourCloning:
         state = {k: v.detach().float().contiguous() for k, v in policy.state_dict().items()}
         _save_weights(out, state)
         self.loaded.tokenizer.save_pretrained(str(out))
-        norm_stats = self.norm_stats
+        norm_stats = self.norm_stats  # kept ones carry the num_transitions they were computed on
         config = {**json.loads((source / "config.json").read_text()), "norm_stats": norm_stats}
         if self.action_decoding is not None:
             config["dyqvla_action_decoding"] = self.action_decoding
