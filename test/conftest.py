@@ -2,20 +2,70 @@
 
 TRITON_INTERPRET must be set before any @triton.jit function runs, so that Triton
 kernels execute on the CPU against their PyTorch references (no GPU here).
-DDS stays on loopback, in a domain of its own, so tests never meet another graph.
+
+Isolation: DDS stays on loopback, in a domain picked per test session within ROS 2's
+documented range 0-101 (never 0, the default a robot on this machine would use; above
+101 the DDS ports fall into the ephemeral range), whatever the shell set; each node test
+also runs in a namespace of its own (``ros_namespace``). Caches (the quantized-weights
+cache, the tiny checkpoint) go to pytest's temporary directories, never the user's home.
 """
 
+import itertools
 import os
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)
-os.environ.setdefault(
-    "MUJOCO_GL", "egl"
-)  # offscreen rendering without a display  # ROS 2 from pip: the venv is the prefix
-os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-os.environ.setdefault("ROS_DOMAIN_ID", str(100 + os.getpid() % 100))
+os.environ.setdefault("AMENT_PREFIX_PATH", sys.prefix)  # ROS 2 from pip: the venv is the prefix
+os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering without a display
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["ROS_DOMAIN_ID"] = str(1 + os.getpid() % 101)
 os.environ.setdefault(
     "FASTDDS_DEFAULT_PROFILES_FILE", str(Path(__file__).with_name("fastdds_fast_discovery.xml"))
 )
+
+_namespaces = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """XDG_CACHE_HOME in a temporary directory, for this process and the nodes it starts."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_openvla(tmp_path_factory) -> Path:
+    """The random-weight tiny OpenVLA, built once per session by the current code."""
+    from dyqvla_ros.model.tiny import make_tiny_openvla
+
+    return make_tiny_openvla(tmp_path_factory.mktemp("tiny") / "openvla-tiny", seed=0)
+
+
+@pytest.fixture
+def ros_namespace() -> str:
+    """A ROS namespace no other test of this session uses."""
+    return f"/test_{os.getpid()}_{next(_namespaces)}"
+
+
+@pytest.fixture(scope="session")
+def renderer() -> None:
+    """MuJoCo's offscreen renderer. Required, not optional: without it the tests that
+    render fail, naming what to install (a skip would let `make test` pass untested)."""
+    import mujoco
+
+    try:
+        mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8).close()
+    except Exception as err:
+        pytest.fail(
+            f"no offscreen OpenGL for MuJoCo with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({err}); "
+            "install libegl1 libegl-mesa0 libgl1-mesa-dri"
+        )

@@ -8,17 +8,12 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("mujoco", reason="mujoco is not installed")
-
-from test_sim import _renderer_available
-
 from dyqvla_ros.bags.store import deserialize, iter_messages, typestore
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.kinematics import KinematicMonitor
 from dyqvla_ros.model import VLAPolicy
 from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
-from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.precision import PrecisionController
 from dyqvla_ros.sim.collect import collect
 from dyqvla_ros.sim.env import TabletopEnv
@@ -29,16 +24,9 @@ from dyqvla_ros.tools import compare, eval_sim
 
 
 @pytest.fixture(scope="module")
-def renderer():
-    reason = _renderer_available()
-    if reason:
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def tiny_policy():
+def tiny_policy(tiny_openvla):
     """The random-weight tiny model, W4-quantized as the node loads it."""
-    return VLAPolicy(load_quantized_openvla(ensure_tiny_openvla()), restrict_to_actions=True)
+    return VLAPolicy(load_quantized_openvla(tiny_openvla), restrict_to_actions=True)
 
 
 def _loop(policy, mode: str, max_steps: int, source: str = "command") -> ClosedLoop:
@@ -166,11 +154,11 @@ def test_correlations_of_log_sensitivity():
     assert "note" in correlations(records[60:])
 
 
-def test_eval_sim_cli_writes_json_and_table(renderer, tmp_path, capsys):
+def test_eval_sim_cli_writes_json_and_table(renderer, tiny_openvla, tmp_path, capsys):
     out = tmp_path / "eval.json"
     eval_sim.main(
         [
-            "--model", str(ensure_tiny_openvla()), "--precision", "16", "2", "--episodes", "2",
+            "--model", str(tiny_openvla), "--precision", "16", "2", "--episodes", "2",
             "--max-steps", "3", "--size", "32", "--out", str(out),
         ]
     )  # fmt: skip
@@ -187,14 +175,14 @@ def test_eval_sim_cli_writes_json_and_table(renderer, tmp_path, capsys):
         eval_sim.main(["--episodes", "0"])
 
 
-def test_sensitivity_cli_reports_what_it_could_measure(renderer, tmp_path, capsys):
+def test_sensitivity_cli_reports_what_it_could_measure(renderer, tiny_openvla, tmp_path, capsys):
     from dyqvla_ros.tools import sensitivity
 
     out = tmp_path / "sens"
     sensitivity.main(
         [
             "--model",
-            str(ensure_tiny_openvla()),
+            str(tiny_openvla),
             "--seeds",
             "7",
             "--max-steps",

@@ -7,22 +7,17 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("mujoco", reason="mujoco is not installed")
-
-from test_sim import _renderer_available
-
 from dyqvla_ros.model import VLAPolicy
 from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
-from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.sim.diagnosis import OUTCOMES, STALL_MOVE, is_stall, summarize
 from dyqvla_ros.sim.env import TabletopEnv
 from dyqvla_ros.sim.expert import PHASES, ScriptedExpert
 from dyqvla_ros.tools import diagnose
 
 
-def test_distributions_are_kept_only_when_asked():
-    policy = VLAPolicy(load_quantized_openvla(ensure_tiny_openvla()), restrict_to_actions=True)
+def test_distributions_are_kept_only_when_asked(tiny_openvla):
+    policy = VLAPolicy(load_quantized_openvla(tiny_openvla), restrict_to_actions=True)
     image, instruction = np.zeros((224, 224, 3), np.uint8), "put the red cube on the blue target"
     assert policy.predict(image, instruction).distributions is None
     policy.keep_distributions = True
@@ -70,13 +65,6 @@ def test_summary_counts_outcomes_stalls_and_lean():
     bins = [(b["successes"], b["episodes"]) for b in summary["first_close_yaw"]]
     assert bins == [(0, 1), (0, 0), (0, 0), (1, 1)]
     assert STALL_MOVE == 0.004
-
-
-@pytest.fixture(scope="module")
-def renderer():
-    reason = _renderer_available()
-    if reason:
-        pytest.skip(reason)
 
 
 def test_diagnose_cli_labels_the_state_each_step_was_decided_in(renderer, tmp_path, capsys):

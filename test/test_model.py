@@ -24,8 +24,8 @@ INSTRUCTION = "put the red cube on the blue target"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_openvla(tmp_path_factory.mktemp("tiny") / "openvla-tiny", seed=0)
+def tiny_dir(tiny_openvla) -> Path:
+    return tiny_openvla
 
 
 @pytest.fixture(scope="module")

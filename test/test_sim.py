@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 
+import mujoco
 import numpy as np
 import pytest
 
-mujoco = pytest.importorskip("mujoco", reason="mujoco is not installed")
-
-from dyqvla_ros.bags.store import deserialize, iter_messages, typestore  # noqa: E402
-from dyqvla_ros.profiling import control_steps, read_episodes  # noqa: E402
-from dyqvla_ros.sim.collect import collect  # noqa: E402
-from dyqvla_ros.sim.env import TabletopEnv, camera_pixels  # noqa: E402
-from dyqvla_ros.sim.expert import (  # noqa: E402
+from dyqvla_ros.bags.store import deserialize, iter_messages, typestore
+from dyqvla_ros.profiling import control_steps, read_episodes
+from dyqvla_ros.sim.collect import collect
+from dyqvla_ros.sim.env import TabletopEnv, camera_pixels
+from dyqvla_ros.sim.expert import (
     COARSE_STEP,
     FINE_STEP,
     PHASES,
@@ -126,30 +125,16 @@ def test_invalid_actions_are_rejected():
         env.step(np.zeros(6))
 
 
-def _renderer_available() -> str | None:
-    try:
-        mujoco.Renderer(mujoco.MjModel.from_xml_string("<mujoco/>"), 8, 8)
-    except Exception as err:
-        return f"no offscreen OpenGL for MuJoCo ({err}); install libegl1 libegl-mesa0 libgl1-mesa-dri"
-    return None
-
-
-def test_camera_renders_the_scene():
-    reason = _renderer_available()
-    if reason:
-        pytest.skip(reason)
+def test_camera_renders_the_scene(renderer):
     env = TabletopEnv(render_size=64)
     image = env.reset(1).image
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert image.std() > 10  # not a blank frame
 
 
-def test_camera_pixels_land_on_the_rendered_cube():
+def test_camera_pixels_land_on_the_rendered_cube(renderer):
     """The projection training uses to find an object's patches matches the render: the
     red cube's centre projects within 3 px of the red pixels' centroid, at 128 and 64 px."""
-    reason = _renderer_available()
-    if reason:
-        pytest.skip(reason)
     for size in (128, 64):
         env = TabletopEnv(render_size=size)
         for seed in (100000, 100002):
@@ -161,10 +146,7 @@ def test_camera_pixels_land_on_the_rendered_cube():
             assert abs(u - (cols.mean() + 0.5)) < tolerance and abs(v - (rows.mean() + 0.5)) < tolerance
 
 
-def test_collect_writes_the_node_topics_and_expert_actions(tmp_path):
-    reason = _renderer_available()
-    if reason:
-        pytest.skip(reason)
+def test_collect_writes_the_node_topics_and_expert_actions(renderer, tmp_path):
     bag = tmp_path / "expert"
     summary = collect(bag, episodes=2, seed=5, size=64)
     assert summary["successes"] == 2
@@ -208,10 +190,7 @@ def test_privileged_state_names_the_instructed_objects_and_the_phase():
     np.testing.assert_allclose(privileged_state(env, "retreat")[1:4], env.cube_pose(cube)[0] - ee)
 
 
-def test_collect_noise_keeps_clean_labels(tmp_path):
-    reason = _renderer_available()
-    if reason:
-        pytest.skip(reason)
+def test_collect_noise_keeps_clean_labels(renderer, tmp_path):
     clean, noisy = tmp_path / "clean", tmp_path / "noisy"
     collect(clean, episodes=1, seed=3, size=32)
     collect(noisy, episodes=1, seed=3, size=32, noise=0.003)
@@ -226,12 +205,9 @@ def test_collect_noise_keeps_clean_labels(tmp_path):
         collect(tmp_path / "bad", episodes=1, coarse_noise=-0.5)
 
 
-def test_coarse_noise_moves_only_coarse_steps(tmp_path):
+def test_coarse_noise_moves_only_coarse_steps(renderer, tmp_path):
     """Relative noise in the coarse phases: a coarse step is executed off its label, the
     labels stay the expert's, and the expert still finishes the episode."""
-    reason = _renderer_available()
-    if reason:
-        pytest.skip(reason)
     summary = collect(tmp_path / "kicked", episodes=1, seed=3, size=32, coarse_noise=0.5)
     assert summary["successes"] == 1
     store = typestore()

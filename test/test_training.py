@@ -11,13 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-pytest.importorskip("mujoco", reason="mujoco is not installed")
-
-from test_sim import _renderer_available
-
 from dyqvla_ros.bags.store import BagError
 from dyqvla_ros.model import CheckpointError, VLAPolicy, load_openvla
-from dyqvla_ros.model.tiny import ensure_tiny_openvla
 from dyqvla_ros.sim.collect import collect
 from dyqvla_ros.sim.expert import STATE_FIELDS
 from dyqvla_ros.tools import average, train
@@ -36,10 +31,7 @@ from dyqvla_ros.training import (
 
 
 @pytest.fixture(scope="module")
-def expert_bag(tmp_path_factory):
-    reason = _renderer_available()
-    if reason:
-        pytest.skip(reason)
+def expert_bag(renderer, tmp_path_factory):
     bag = tmp_path_factory.mktemp("sim") / "expert"
     collect(bag, episodes=1, seed=2, size=64)
     return bag
@@ -55,38 +47,36 @@ def test_samples_and_statistics(expert_bag):
     assert all(s.state.shape == (len(STATE_FIELDS),) for s in samples)
 
 
-def test_auxiliary_targets_are_learned_and_need_sim_state(expert_bag):
+def test_auxiliary_targets_are_learned_and_need_sim_state(tiny_openvla, expert_bag):
     torch.manual_seed(0)
     samples = load_samples([expert_bag])[:8]
     run = BehaviourCloning(
-        load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, total_steps=30, shift=0, aux_weight=1.0
+        load_openvla(tiny_openvla), samples, 1e-3, 0, total_steps=30, shift=0, aux_weight=1.0
     )
     aux = [run.train_step(8)[1] for _ in range(30)]
     assert aux[-1] < 0.5 * aux[0]
     samples[0].state = None
     with pytest.raises(BagError, match="/sim_state"):
-        BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, aux_weight=1.0)
+        BehaviourCloning(load_openvla(tiny_openvla), samples, 1e-3, 0, aux_weight=1.0)
 
 
-def test_loss_decreases_when_fitting_one_sample(expert_bag):
+def test_loss_decreases_when_fitting_one_sample(tiny_openvla, expert_bag):
     torch.manual_seed(0)
     samples = load_samples([expert_bag])[:1]
-    run = BehaviourCloning(
-        load_openvla(ensure_tiny_openvla()), samples, lr=1e-3, seed=0, total_steps=20, shift=0
-    )
+    run = BehaviourCloning(load_openvla(tiny_openvla), samples, lr=1e-3, seed=0, total_steps=20, shift=0)
     losses = [run.train_step(1)[0] for _ in range(20)]
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.85 * losses[0]
 
 
-def test_batched_loss_equals_the_mean_of_single_sample_losses(expert_bag):
+def test_batched_loss_equals_the_mean_of_single_sample_losses(tiny_openvla, expert_bag):
     """Right padding never leaks into the action positions: a batch of prompts of different
     lengths gives the mean of each sample's own loss."""
     samples = load_samples([expert_bag])
     # A longer prompt than [0]'s ("put the C cube on the T target"): "gently" is not one of the
     # tiny tokenizer's whole words, so it is spelled out in characters.
     samples[1].instruction = "gently put the green cube on the blue target"
-    run = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples[:2], lr=1e-3, seed=0, shift=0)
+    run = BehaviourCloning(load_openvla(tiny_openvla), samples[:2], lr=1e-3, seed=0, shift=0)
     run.model.eval()
     with torch.no_grad():
         batch = run.loss(np.array([0, 1]), augment=False)
@@ -95,13 +85,13 @@ def test_batched_loss_equals_the_mean_of_single_sample_losses(expert_bag):
     assert float(batch) == pytest.approx(float(sum(single)) / 2, rel=1e-5)
 
 
-def test_token_noise_corrupts_only_the_teacher_forced_inputs(expert_bag):
+def test_token_noise_corrupts_only_the_teacher_forced_inputs(tiny_openvla, expert_bag):
     """With token noise the inputs after the prompt are random action tokens (the labels
     stay), so the batch loss changes; without augmentation (evaluation) it is the clean one."""
     samples = load_samples([expert_bag])[:4]
-    run = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, shift=0, token_noise=1.0)
+    run = BehaviourCloning(load_openvla(tiny_openvla), samples, 1e-3, 0, shift=0, token_noise=1.0)
     run.model.eval()
-    clean = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, shift=0)
+    clean = BehaviourCloning(load_openvla(tiny_openvla), samples, 1e-3, 0, shift=0)
     clean.model.eval()
     batch = np.arange(4)
     with torch.no_grad():
@@ -109,11 +99,11 @@ def test_token_noise_corrupts_only_the_teacher_forced_inputs(expert_bag):
         assert float(run.loss(batch)) != pytest.approx(float(clean.loss(batch)), rel=1e-4)
 
 
-def test_weight_average_follows_the_warmed_up_decay(expert_bag):
+def test_weight_average_follows_the_warmed_up_decay(tiny_openvla, expert_bag):
     """The averaged weights are the exponential moving average of the raw ones, with decay
     0 at the first step (the start is forgotten) and 1 - (1 + s)^(-3/4), capped, after."""
     samples = load_samples([expert_bag])[:4]
-    run = BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, shift=0, ema_decay=0.6)
+    run = BehaviourCloning(load_openvla(tiny_openvla), samples, 1e-3, 0, shift=0, ema_decay=0.6)
     expected = None
     for step in range(1, 5):
         run.train_step(2)
@@ -124,7 +114,7 @@ def test_weight_average_follows_the_warmed_up_decay(expert_bag):
     assert all(torch.allclose(averaged[k], expected[k], atol=1e-6) for k in expected)
     assert any(not torch.equal(averaged[k], raw[k]) for k in raw)
     with pytest.raises(ValueError, match="ema_decay"):
-        BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, ema_decay=1.0)
+        BehaviourCloning(load_openvla(tiny_openvla), samples, 1e-3, 0, ema_decay=1.0)
 
 
 def test_averaged_run_saves_the_average_and_resumes_the_raw_weights(expert_bag, tmp_path):
@@ -145,8 +135,8 @@ def test_averaged_run_saves_the_average_and_resumes_the_raw_weights(expert_bag, 
         train.main([str(expert_bag), "--out", str(tmp_path / "bad"), "--ema", "1.5"])
 
 
-def test_average_of_checkpoints_is_the_mean_of_their_weights(tmp_path):
-    tiny = ensure_tiny_openvla()
+def test_average_of_checkpoints_is_the_mean_of_their_weights(tiny_openvla, tmp_path):
+    tiny = tiny_openvla
     runs = []
     for i, shift in enumerate((0.0, 1.0, 5.0)):
         run = tmp_path / f"run{i}"
@@ -165,8 +155,8 @@ def test_average_of_checkpoints_is_the_mean_of_their_weights(tmp_path):
     assert VLAPolicy(load_openvla(tmp_path / "ship")).stats.key == VLAPolicy(load_openvla(tiny)).stats.key
 
 
-def test_average_refuses_checkpoints_of_other_data_or_shapes(tmp_path):
-    tiny = ensure_tiny_openvla()
+def test_average_refuses_checkpoints_of_other_data_or_shapes(tiny_openvla, tmp_path):
+    tiny = tiny_openvla
     other = tmp_path / "other"
     shutil.copytree(tiny, other)
     stats = json.loads((other / "dataset_statistics.json").read_text())
@@ -192,9 +182,9 @@ def test_average_refuses_checkpoints_of_other_data_or_shapes(tmp_path):
     assert exit_info.value.code == 2
 
 
-def test_learning_rate_warms_up_then_decays_to_a_tenth(expert_bag):
+def test_learning_rate_warms_up_then_decays_to_a_tenth(tiny_openvla, expert_bag):
     run = BehaviourCloning(
-        load_openvla(ensure_tiny_openvla()),
+        load_openvla(tiny_openvla),
         load_samples([expert_bag])[:1],
         1e-3,
         0,
@@ -208,10 +198,8 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth(expert_bag):
     assert run.learning_rate(100) == pytest.approx(1e-4)
 
 
-def test_random_shift_moves_frames_within_bounds(expert_bag):
-    run = BehaviourCloning(
-        load_openvla(ensure_tiny_openvla()), load_samples([expert_bag])[:4], 1e-3, 0, shift=4
-    )
+def test_random_shift_moves_frames_within_bounds(tiny_openvla, expert_bag):
+    run = BehaviourCloning(load_openvla(tiny_openvla), load_samples([expert_bag])[:4], 1e-3, 0, shift=4)
     frames = run.frames[:4]
     shifted, moved = run._augment(frames)
     assert shifted.shape == frames.shape and shifted.dtype == torch.uint8
@@ -233,21 +221,21 @@ def test_patch_blocks_are_the_four_patches_around_a_point():
     assert inside.tolist() == [True, True, False]
 
 
-def test_attention_supervision_points_heads_at_the_instructed_objects(expert_bag):
+def test_attention_supervision_points_heads_at_the_instructed_objects(tiny_openvla, expert_bag):
     """The supervised heads learn to look at the instructed cube, target zone and hand
     (the loss is -log of their attention mass there), and the supervision needs /ee_pose."""
     torch.manual_seed(0)
     samples = load_samples([expert_bag])[:8]
     assert all(s.hand is not None and s.hand.shape == (3,) for s in samples)
     run = BehaviourCloning(
-        load_openvla(ensure_tiny_openvla()), samples, 3e-3, 0, total_steps=40, shift=2, attention_weight=1.0
+        load_openvla(tiny_openvla), samples, 3e-3, 0, total_steps=40, shift=2, attention_weight=1.0
     )
     attention = [run.train_step(8)[2] for _ in range(40)]
     assert attention[0] > 1.0  # about uniform over the image at first
     assert attention[-1] < 0.5 * attention[0]
     samples[0].hand = None
     with pytest.raises(BagError, match="/ee_pose"):
-        BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, attention_weight=1.0)
+        BehaviourCloning(load_openvla(tiny_openvla), samples, 1e-3, 0, attention_weight=1.0)
 
 
 def test_train_saves_a_loadable_checkpoint_and_resumes(expert_bag, tmp_path):
@@ -311,7 +299,7 @@ def _heads(checkpoint) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def test_keep_statistics_tokenizes_with_the_inits_statistics(expert_bag, tmp_path, capsys):
+def test_keep_statistics_tokenizes_with_the_inits_statistics(tiny_openvla, expert_bag, tmp_path, capsys):
     first, kept = tmp_path / "first", tmp_path / "kept"
     train.main([str(expert_bag), "--out", str(first), "--batch", "2", "--steps", "1"])
     stats_file = first / "dataset_statistics.json"
@@ -334,7 +322,7 @@ def test_keep_statistics_tokenizes_with_the_inits_statistics(expert_bag, tmp_pat
     assert json.loads((kept / "dataset_statistics.json").read_text()) == wider
     assert json.loads((kept / "config.json").read_text())["norm_stats"] == wider
     with pytest.raises(CheckpointError, match="no 'dyqvla_sim' action statistics to keep"):
-        BehaviourCloning(load_openvla(ensure_tiny_openvla()), samples, 1e-3, 0, keep_statistics=True)
+        BehaviourCloning(load_openvla(tiny_openvla), samples, 1e-3, 0, keep_statistics=True)
     with pytest.raises(SystemExit):
         train.main([str(expert_bag), "--out", str(tmp_path / "bad"), "--keep-statistics"])
     assert "--keep-statistics needs --init" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,12 @@ from dyqvla_ros.quant import FORMAT_VERSION, load_quantized, quantize_model, sav
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-DEFAULT_CACHE_DIR = Path("~/.cache/dyqvla_ros").expanduser()
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/dyqvla_ros`` (``~/.cache/dyqvla_ros`` when unset), read at each call
+    so that a process (or a test session) can move the cache by setting the variable."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dyqvla_ros"
 
 
 class CheckpointError(ValueError):
@@ -46,6 +52,10 @@ class LoadedOpenVLA:
     config: OpenVLAConfig
     norm_stats: dict[str, Any]
     path: Path
+    # load_quantized_openvla only: the packed-weights cache file, and whether this load read
+    # it (True) or quantized the full-precision weights and wrote it (False).
+    quantized_cache: Path | None = None
+    from_cache: bool = False
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -215,7 +225,7 @@ def load_quantized_openvla(
     """
     path = Path(path).expanduser()
     checkpoint = inspect_checkpoint(path)
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cached = cache_dir / f"{path.name}-w4-{_cache_key(path, group_size, quantize_vision, dtype)}.safetensors"
     patterns = quantization_patterns(quantize_vision)
     if cached.is_file():
@@ -223,13 +233,13 @@ def load_quantized_openvla(
         load_quantized(model, cached, backend=backend)
         _finish(model, device, path)
         log.info("loaded quantized OpenVLA from cache %s", cached)
-        return LoadedOpenVLA(
-            model, _load_tokenizer(path, checkpoint.config), checkpoint.config, checkpoint.norm_stats, path
-        )
+        tokenizer = _load_tokenizer(path, checkpoint.config)
+        return LoadedOpenVLA(model, tokenizer, checkpoint.config, checkpoint.norm_stats, path, cached, True)
     loaded = load_openvla(path, "cpu", dtype)
     quantize_model(loaded.model, group_size, include=patterns, backend=backend)
     cache_dir.mkdir(parents=True, exist_ok=True)
     save_quantized(loaded.model, cached)
     log.info("quantized %s (group %d) and cached it at %s", path, group_size, cached)
     loaded.model.to(torch.device(device))
+    loaded.quantized_cache = cached
     return loaded

@@ -13,6 +13,7 @@ BPE built with the ``tokenizers`` library, so nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
 from dyqvla_ros.model.config import OpenVLAConfig
-from dyqvla_ros.model.loader import DEFAULT_CACHE_DIR, build_model
+from dyqvla_ros.model.loader import build_model, default_cache_dir
 from dyqvla_ros.model.processing import EMPTY_TOKEN_ID
 
 TEXT_VOCAB = 32000
@@ -143,11 +144,19 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def tiny_build_id(seed: int, n_action_bins: int = 256) -> str:
+    """Names what this code builds for ``seed``: config, tokenizer words, statistics and the
+    torch version (its RNG draws the weights). ``ensure_tiny_openvla`` rebuilds a directory
+    whose id differs, so a checkpoint left by older code is never reused."""
+    spec = [tiny_config_dict(seed, n_action_bins), WORD_TOKENS, TINY_ACTION_STATS, torch.__version__]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def make_tiny_openvla(out: str | Path, seed: int = 0, n_action_bins: int = 256) -> Path:
     """Write a tiny OpenVLA checkpoint directory to ``out`` and return its path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = tiny_config_dict(seed, n_action_bins)
+    data = {**tiny_config_dict(seed, n_action_bins), "dyqvla_tiny_build": tiny_build_id(seed, n_action_bins)}
     torch.manual_seed(seed)
     model = build_model(OpenVLAConfig.from_dict(data), device="cpu")
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
@@ -162,13 +171,22 @@ def make_tiny_openvla(out: str | Path, seed: int = 0, n_action_bins: int = 256) 
 
 
 def default_tiny_path() -> Path:
-    return DEFAULT_CACHE_DIR / "openvla-tiny"
+    return default_cache_dir() / "openvla-tiny"
+
+
+def _built_by_this_code(path: Path, seed: int) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return config.get("dyqvla_tiny_build") == tiny_build_id(seed)
 
 
 def ensure_tiny_openvla(path: str | Path | None = None, seed: int = 0) -> Path:
-    """The embedded default model: built on first use (about 5 s), then reused."""
+    """The random-weight tiny model for benchmarks: built on first use (about 5 s), then
+    reused while it is what this code would build (``tiny_build_id``)."""
     path = Path(path).expanduser() if path else default_tiny_path()
-    if not (path / "config.json").is_file():
+    if not _built_by_this_code(path, seed):
         staging = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         make_tiny_openvla(staging, seed)
         shutil.rmtree(path, ignore_errors=True)
