@@ -229,7 +229,7 @@ def load_quantized_openvla(
     cached = cache_dir / f"{path.name}-w4-{_cache_key(path, group_size, quantize_vision, dtype)}.safetensors"
     patterns = quantization_patterns(quantize_vision)
     if cached.is_file():
-        model = build_model(checkpoint.config)
+        model = build_model(checkpoint.config).to(dtype)  # the dtype the entry was written in
         load_quantized(model, cached, backend=backend)
         _finish(model, device, path)
         log.info("loaded quantized OpenVLA from cache %s", cached)
