@@ -420,7 +420,12 @@ class BehaviourCloning:
                     moments[f"{name}/{key}"] = value.contiguous()
             if self.ema is not None and not name.startswith("auxiliary."):
                 moments[f"{name}/{RAW}"] = p.detach().contiguous()
-        meta = {"step": str(self.step), "opt_step": json.dumps(opt_steps), "ema_decay": str(self.ema_decay)}
+        meta = {
+            "step": str(self.step),
+            "opt_step": json.dumps(opt_steps),
+            "ema_decay": str(self.ema_decay),
+            "rng": json.dumps(self.rng.bit_generator.state),  # batches, shifts, token noise
+        }
         _atomic(out / STATE_FILE, lambda p: save_file(moments, str(p), metadata=meta))
 
     def _named_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -447,8 +452,9 @@ class BehaviourCloning:
             raise CheckpointError(message) from err
 
     def resume(self, out: Path) -> None:
-        """Restore optimizer moments, auxiliary heads, the step count and (averaged runs) the
-        raw weights written by ``save``; the model was loaded from ``out``'s average."""
+        """Restore optimizer moments, auxiliary heads, the step count, the sampling RNG and
+        (averaged runs) the raw weights written by ``save``; the model was loaded from
+        ``out``'s average. The resumed run is the interrupted one, step for step."""
         if self.aux is not None:
             self.load_auxiliary_heads(out, "--resume")
         names = self._named_parameters()
@@ -470,7 +476,10 @@ class BehaviourCloning:
                 state[moment] = f.get_tensor(key)
                 state["step"] = torch.tensor(float(opt_steps[name]))
         self.step = int(meta["step"])
-        self.rng = np.random.default_rng([self.seed, self.step])  # batches continue, not repeat
+        if "rng" in meta:
+            self.rng.bit_generator.state = json.loads(meta["rng"])
+        else:  # saved before the RNG was: a new stream for the remaining steps (not a repeat)
+            self.rng = np.random.default_rng([self.seed, self.step])
 
 
 def export_bf16(checkpoint: Path, out: Path) -> None:

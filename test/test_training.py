@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dyqvla_ros.bags.store import BagError
+from dyqvla_ros.bags.store import BagError, iter_messages
 from dyqvla_ros.model import CheckpointError, VLAPolicy, load_openvla
 from dyqvla_ros.sim.collect import collect
 from dyqvla_ros.sim.expert import STATE_FIELDS
@@ -38,13 +39,39 @@ def expert_bag(renderer, tmp_path_factory):
 
 
 def test_samples_and_statistics(expert_bag):
+    """One sample per labelled step, and the action statistics are OpenVLA's, value for value:
+    they set every action bin's boundaries."""
     samples = load_samples([expert_bag])
     assert len(samples) >= 20 and all(s.action.shape == (7,) for s in samples)
+    assert len(samples) == _labelled_steps(expert_bag)
     assert samples[0].instruction.startswith("put the ")
-    stats = action_statistics(np.stack([s.action for s in samples]))
-    assert stats["mask"] == [True] * 6 + [False]
-    assert all(lo <= hi for lo, hi in zip(stats["q01"], stats["q99"], strict=True))
+    actions = np.stack([s.action for s in samples])
+    expected = _openvla_statistics(actions)
+    assert action_statistics(actions) == expected
+    # Here the 1st / 99th percentiles are not the extremes, so another level or method would show.
+    assert expected["q01"] != expected["min"] and expected["q99"] != expected["max"]
     assert all(s.state.shape == (len(STATE_FIELDS),) for s in samples)
+
+
+def _openvla_statistics(actions: np.ndarray) -> dict:
+    """What OpenVLA's ``get_dataset_statistics`` computes (prismatic rlds/utils/data_utils.py:
+    numpy's default "linear" quantiles, population std) with the mask of its 7-D datasets:
+    the gripper, last, is not normalised."""
+    q01, q99 = np.quantile(actions, [0.01, 0.99], axis=0, method="linear")
+    return {
+        "q01": q01.tolist(),
+        "q99": q99.tolist(),
+        "mask": [True] * 6 + [False],
+        "mean": np.mean(actions, axis=0).tolist(),
+        "std": np.std(actions, axis=0, ddof=0).tolist(),
+        "min": np.min(actions, axis=0).tolist(),
+        "max": np.max(actions, axis=0).tolist(),
+    }
+
+
+def _labelled_steps(bag: Path) -> int:
+    """The bag's /expert_action messages: one per executed step (the last frame has none)."""
+    return sum(1 for _ in iter_messages(bag, ["/expert_action"]))
 
 
 def test_auxiliary_targets_are_learned_and_need_sim_state(tiny_openvla, expert_bag):
@@ -118,8 +145,12 @@ def test_weight_average_follows_the_warmed_up_decay(tiny_openvla, expert_bag):
 
 
 def test_averaged_run_saves_the_average_and_resumes_the_raw_weights(expert_bag, tmp_path):
-    out = tmp_path / "averaged"
-    train.main([str(expert_bag), "--out", str(out), "--steps", "3", "--batch", "2", "--ema", "0.9"])
+    """The checkpoint holds the average, the training state the raw weights; a run killed after
+    its step-3 checkpoint and resumed ends where the uninterrupted run does (average included)."""
+    out, whole = tmp_path / "averaged", tmp_path / "whole"
+    common = [str(expert_bag), "--steps", "6", "--save-every", "3", "--batch", "2", "--warmup", "2"]
+    common += ["--ema", "0.9"]
+    steps = _train([*common, "--out", str(out)], kill_at=3)
     saved = load_openvla(out).model.state_dict()
     with safe_open(str(out / STATE_FILE), framework="pt") as f:
         raw = {k.rsplit("/", 1)[0]: f.get_tensor(k) for k in f.keys() if k.endswith(f"/{RAW}")}
@@ -131,6 +162,8 @@ def test_averaged_run_saves_the_average_and_resumes_the_raw_weights(expert_bag, 
     plain = BehaviourCloning(load_openvla(out), load_samples([expert_bag])[:2], 1e-3, 0)
     with pytest.raises(CheckpointError, match=r"--ema 0\.9"):
         plain.resume(out)
+    resumed = _train([*common, "--out", str(out), "--resume"])
+    _assert_resumed_like_uninterrupted(out, steps + resumed, whole, _train([*common, "--out", str(whole)]))
     with pytest.raises(SystemExit):
         train.main([str(expert_bag), "--out", str(tmp_path / "bad"), "--ema", "1.5"])
 
@@ -239,35 +272,87 @@ def test_attention_supervision_points_heads_at_the_instructed_objects(tiny_openv
 
 
 def test_train_saves_a_loadable_checkpoint_and_resumes(expert_bag, tmp_path):
-    out = tmp_path / "policy"
-    common = ["--batch", "1", "--aux-weight", "0.5", "--attention-weight", "0.5"]
-    train.main([str(expert_bag), "--out", str(out), "--steps", "2", "--save-every", "1", *common])
+    """A run killed after its step-3 checkpoint and resumed with ``--resume`` ends bit for bit
+    where the same 6-step run without the interruption does: weights, auxiliary heads, optimizer
+    moments and counts, every step's loss and learning rate (past the warm-up, so the cosine part
+    of the schedule), and the RNG of batches, shifts and token noise (the CPU run is deterministic)."""
+    out, whole = tmp_path / "policy", tmp_path / "whole"
+    common = [str(expert_bag), "--steps", "6", "--save-every", "3", "--batch", "1", "--warmup", "2"]
+    common += ["--aux-weight", "0.5", "--attention-weight", "0.5", "--token-noise", "0.3"]
+    steps = _train([*common, "--out", str(out)], kill_at=3)
     assert (out / AUX_FILE).is_file()
     stats = json.loads((out / "dataset_statistics.json").read_text())
     assert list(stats) == [UNNORM_KEY]
+    actions = np.stack([s.action for s in load_samples([expert_bag])])
+    assert stats[UNNORM_KEY]["action"] == _openvla_statistics(actions)
+    # OpenVLA's files also hold num_trajectories; nothing here reads it.
+    assert stats[UNNORM_KEY]["num_transitions"] == _labelled_steps(expert_bag)
+    assert json.loads((out / "config.json").read_text())["norm_stats"] == stats
     policy = VLAPolicy(load_openvla(out), restrict_to_actions=True)
     assert policy.stats.key == UNNORM_KEY and policy.action_decoding == "argmax"
     assert np.isfinite(
         policy.predict(np.zeros((64, 64, 3), np.uint8), "put the red cube on the blue target").action
     ).all()
-    train.main(
-        [
-            str(expert_bag),
-            "--out",
-            str(out),
-            "--steps",
-            "3",
-            "--resume",
-            "--action-decoding",
-            "median",
-            *common,
-        ]
-    )
+    resumed = _train([*common, "--out", str(out), "--resume", "--action-decoding", "median"])
     assert VLAPolicy(load_openvla(out)).action_decoding == "median"  # written to config.json
-    with safe_open(str(out / STATE_FILE), framework="pt") as f:
-        assert f.metadata()["step"] == "3"
+    _assert_resumed_like_uninterrupted(out, steps + resumed, whole, _train([*common, "--out", str(whole)]))
     with pytest.raises(SystemExit):
         train.main([str(expert_bag), "--out", str(tmp_path / "none"), "--steps", "1", "--resume"])
+
+
+class _KilledError(Exception):
+    """Stands for the training process dying (after its last checkpoint)."""
+
+
+def _train(argv: list[str], kill_at: int | None = None) -> list[tuple]:
+    """``train.main(argv)``; returns each step's (step, losses, learning rate, batch/augmentation
+    RNG state after it). ``kill_at``: the process dies when that many steps are done."""
+    steps = []
+    train_step = BehaviourCloning.train_step
+
+    def recorded(run: BehaviourCloning, batch: int) -> tuple:
+        if run.step == kill_at:
+            raise _KilledError
+        losses = train_step(run, batch)
+        steps.append((run.step, *losses, run.optimizer.param_groups[0]["lr"], run.rng.bit_generator.state))
+        return losses
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BehaviourCloning, "train_step", recorded)
+        if kill_at is None:
+            train.main(argv)
+        else:
+            with pytest.raises(_KilledError):
+                train.main(argv)
+    return steps
+
+
+def _assert_resumed_like_uninterrupted(resumed: Path, resumed_steps: list, whole: Path, steps: list) -> None:
+    """Every tensor and the metadata of the two runs' checkpoint files are identical, and so
+    are the runs step by step."""
+    for name in ("model.safetensors", STATE_FILE, AUX_FILE):
+        assert (resumed / name).is_file() == (whole / name).is_file(), name
+        if not (whole / name).is_file():
+            continue
+        with safe_open(str(resumed / name), framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        with safe_open(str(whole / name), framework="pt") as f:
+            expected = {k: f.get_tensor(k) for k in f.keys()}
+            assert metadata == f.metadata() and tensors.keys() == expected.keys(), name
+        differ = {
+            k: float((tensors[k].double() - v.double()).abs().max())
+            for k, v in expected.items()
+            if not torch.equal(tensors[k], v)
+        }
+        assert not differ, (
+            f"resumed run's {name}: {len(differ)} of {len(expected)} tensors differ from the uninterrupted "
+            f"run's (largest |diff| {max(differ.values()):.3g}): --resume must restore all a step depends on "
+            "(weights, optimizer, step, and where the batch/shift/noise RNG stream was); action losses "
+            f"by step, resumed {[round(s[1], 4) for s in resumed_steps]} vs {[round(s[1], 4) for s in steps]}"
+        )
+    assert resumed_steps == steps, "the resumed run's steps (losses, lr, RNG) are not the uninterrupted run's"
+    statistics = "dataset_statistics.json"
+    assert (resumed / statistics).read_text() == (whole / statistics).read_text()
 
 
 def test_init_aux_heads_start_from_the_init_runs_heads(expert_bag, tmp_path, capsys):
