@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import rclpy
+from rclpy.exceptions import InvalidTopicNameException
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.signals import SignalHandlerOptions
@@ -80,6 +81,15 @@ class Recorder:
 
         return write
 
+    def drain(self, idle_s: float = 0.1) -> None:
+        """Write what the subscriptions already hold, until ``idle_s`` passes with nothing
+        new: on Ctrl-C, messages that reached this process are kept, not dropped."""
+        while True:
+            before = sum(self.counts.values())
+            rclpy.spin_once(self.node, timeout_sec=idle_s)
+            if sum(self.counts.values()) == before:
+                return
+
     def close(self) -> None:
         with self._lock:
             self.writer.close()
@@ -97,18 +107,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--wait", type=float, default=10.0, help="how long to wait for the topics to appear")
     args = parser.parse_args(argv)
-    with rclpy.init(signal_handler_options=SignalHandlerOptions.NO):  # Ctrl-C -> KeyboardInterrupt
+    with rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO):  # Ctrl-C -> KeyboardInterrupt
         node = rclpy.create_node("dyqvla_record")
         try:
-            recorder = Recorder(node, args.out, args.topics, args.storage, args.wait)
-        except (FileExistsError, ValueError) as err:
+            topics = [node.resolve_topic_name(t) for t in args.topics]  # "chatter" -> "/chatter"
+            recorder = Recorder(node, args.out, topics, args.storage, args.wait)
+        except (FileExistsError, ValueError, InvalidTopicNameException) as err:
             parser.exit(2, f"dyqvla-record: {err}\n")
+        except KeyboardInterrupt:  # Ctrl-C while waiting for the topics: nothing recorded
+            parser.exit(130, "dyqvla-record: interrupted before recording started\n")
         start = time.monotonic()
         try:
             while args.duration <= 0 or time.monotonic() - start < args.duration:
                 rclpy.spin_once(node, timeout_sec=0.1)
         except KeyboardInterrupt:
-            pass
+            recorder.drain()
         finally:
             recorder.close()
         print(f"recorded {recorder.counts} to {args.out}")

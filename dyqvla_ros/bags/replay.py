@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import rclpy
+from rclpy.exceptions import InvalidTopicNameException
 from rclpy.node import Node
 from rclpy.signals import SignalHandlerOptions
 
@@ -18,14 +19,12 @@ from dyqvla_ros.bags.ros_io import message_class, to_rclpy_qos
 from dyqvla_ros.bags.store import BagError, iter_messages, offered_qos, open_reader
 
 
-def _remaps(pairs: list[str]) -> dict[str, str]:
-    remaps = {}
-    for pair in pairs:
-        if ":=" not in pair:
-            raise argparse.ArgumentTypeError(f"remap must be FROM:=TO, got {pair!r}")
-        src, dst = pair.split(":=", 1)
-        remaps[src] = dst
-    return remaps
+def _remap(pair: str) -> tuple[str, str]:
+    """One ``--remap FROM:=TO`` (argparse type: a bad pair is a usage error, exit 2)."""
+    src, sep, dst = pair.partition(":=")
+    if not (sep and src and dst):
+        raise argparse.ArgumentTypeError(f"must be FROM:=TO with both names, got {pair!r}")
+    return src, dst
 
 
 def _positive(text: str) -> float:
@@ -98,16 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loop", action="store_true", help="play again from the start until Ctrl-C")
     parser.add_argument("--start-offset", type=float, default=0.0, help="skip the first seconds of the bag")
     parser.add_argument("--topics", nargs="+", help="only these topics (bag names)")
-    parser.add_argument("--remap", nargs="+", default=[], help="FROM:=TO topic renames")
+    parser.add_argument("--remap", nargs="+", type=_remap, default=[], help="FROM:=TO topic renames")
     parser.add_argument("--wait-for-subscribers", type=float, default=0.0, metavar="S",
                         help="wait up to S seconds until every replayed topic has a subscriber")  # fmt: skip
     args = parser.parse_args(argv)
-    remap = _remaps(args.remap)
-    with rclpy.init(signal_handler_options=SignalHandlerOptions.NO):  # Ctrl-C -> KeyboardInterrupt
+    # args=[]: rcl must not read sys.argv, where it takes each FROM:=TO for a remap rule of
+    # its own and renames the replayer's already renamed topics again (a swap undid itself).
+    with rclpy.init(args=[], signal_handler_options=SignalHandlerOptions.NO):  # Ctrl-C -> KeyboardInterrupt
         node = rclpy.create_node("dyqvla_replay")
         try:
-            replayer = Replayer(node, args.bag, args.topics, remap, args.rate, args.start_offset)
-        except (BagError, ValueError) as err:
+            replayer = Replayer(node, args.bag, args.topics, dict(args.remap), args.rate, args.start_offset)
+        except (BagError, ValueError, InvalidTopicNameException) as err:
             parser.exit(2, f"dyqvla-replay: {err}\n")
         if args.wait_for_subscribers > 0 and not replayer.wait_for_subscribers(
             replayer.topics, args.wait_for_subscribers
@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
             while True:
                 count = replayer.play()
                 node.get_logger().info(f"replayed {count} messages from {args.bag}")
+                if count == 0:
+                    parser.exit(
+                        2, f"dyqvla-replay: nothing to replay after --start-offset {args.start_offset:g}\n"
+                    )
                 if not args.loop:
                     break
         except KeyboardInterrupt:
