@@ -52,6 +52,7 @@ class PolicyParams:
     cpu_threads: int = _p(0, "torch CPU threads; 0: all cores but one, left to the ROS executor")
     prefill_bits: str = _p("16", "activation bits of the vision + prompt prefill: 2, 4, 8, 16 or follow")
     quantize_vision: bool = _p(False, "also quantize the vision backbones and projector to W4")
+    cache_dir: str = _p("", "quantized-weights cache directory; empty: $XDG_CACHE_HOME/dyqvla_ros")
     restrict_to_actions: bool = _p(True, "greedy decode over the 256 action tokens only")
     action_decoding: str = _p(
         "", "action tokens: argmax (OpenVLA) or median (over the action tokens); empty: the checkpoint's"

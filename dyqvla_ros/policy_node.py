@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import rclpy
@@ -121,8 +122,9 @@ class _Counters:
 class PolicyNode(Node):
     """Owns the policy, the precision controller, and all topics, timers and groups."""
 
-    def __init__(self) -> None:
-        super().__init__("policy_node")
+    def __init__(self, **node_options: Any) -> None:
+        """``node_options`` go to ``rclpy.node.Node`` (context, parameter_overrides, ...)."""
+        super().__init__("policy_node", **node_options)
         self.params: PolicyParams = declare_parameters(self)
         p = self.params
         self.period_s = 1.0 / p.control_rate_hz
@@ -200,7 +202,9 @@ class PolicyNode(Node):
             # (1 torch thread) to 1 s and the 5 Hz loop fell to 3.4 Hz (bench/node_step.py).
             torch.set_num_threads(p.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        loaded = load_quantized_openvla(self.model_path, self.device, dtype, p.group_size, p.quantize_vision)
+        loaded = load_quantized_openvla(
+            self.model_path, self.device, dtype, p.group_size, p.quantize_vision, p.cache_dir or None
+        )
         prefill = p.prefill_bits if p.prefill_bits == "follow" else int(p.prefill_bits)
         policy = VLAPolicy(
             loaded,
@@ -211,6 +215,8 @@ class PolicyNode(Node):
         )
         if policy.action_dim != ACTION_DIM:
             raise ValueError(f"the model's actions have {policy.action_dim} dimensions; this node needs 7")
+        how = "read from" if loaded.from_cache else "quantized and written to"
+        self.get_logger().info(f"W4 weights {how} {loaded.quantized_cache}")
         return policy
 
     def _clip_bounds(self) -> tuple[np.ndarray, np.ndarray]:

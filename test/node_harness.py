@@ -1,8 +1,12 @@
-"""Drive a real policy_node subprocess over DDS: publish inputs, collect outputs."""
+"""Drive a real policy_node subprocess over DDS: publish inputs, collect outputs.
+
+Each test runs its node in a namespace of its own (conftest's ``ros_namespace``), with
+/diagnostics remapped into it, so no test sees another's messages. Waits are on
+conditions (discovery, message counts) with generous deadlines, never on durations.
+"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -30,10 +34,11 @@ def write_params(path: Path, **params) -> Path:
     return path
 
 
-def start_node(tmp_path: Path, **params) -> subprocess.Popen:
+def start_node(tmp_path: Path, namespace: str = "/", **params) -> subprocess.Popen:
     params_file = write_params(tmp_path / "params.yaml", **params)
+    remaps = ["-r", f"__ns:={namespace}", "-r", f"/diagnostics:={namespace.rstrip('/')}/diagnostics"]
     return subprocess.Popen(
-        [str(NODE), "--ros-args", "--params-file", str(params_file)],
+        [str(NODE), "--ros-args", "--params-file", str(params_file), *remaps],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -65,8 +70,8 @@ def rgb_image(value: int = 90, height: int = 96, width: int = 128) -> Image:
 class Driver:
     """A test-side node: feeds the policy node and records what it publishes."""
 
-    def __init__(self) -> None:
-        self.node = rclpy.create_node("policy_test_driver")
+    def __init__(self, namespace: str) -> None:
+        self.node = rclpy.create_node("policy_test_driver", namespace=namespace)
         n = self.node
         self.image_pub = n.create_publisher(Image, "image", 10)
         self.joint_pub = n.create_publisher(JointState, "joint_states", 10)
@@ -83,15 +88,17 @@ class Driver:
             PrecisionState, "precision", lambda m: self.precision.append((time.monotonic(), m)), 50
         )
         n.create_subscription(TwistStamped, "ee_twist", self.twists.append, 50)
-        n.create_subscription(DiagnosticArray, "/diagnostics", self.diagnostics.append, 50)
+        n.create_subscription(DiagnosticArray, "diagnostics", self.diagnostics.append, 50)
 
-    def wait_for_node(self, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-        """Wait until the policy node subscribes to the image topic (it is up)."""
+    def wait_for_node(self, proc: subprocess.Popen, timeout: float = 90.0, image_pub=None) -> None:
+        """Wait until the policy node subscribes to the images (``image_pub``'s topic,
+        ``image`` by default) and publishes precision: it is up."""
+        image_pub = image_pub or self.image_pub
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"policy_node exited with {proc.returncode}:\n{proc.stdout.read()}")
-            if self.image_pub.get_subscription_count() > 0 and self.node.count_publishers("precision") > 0:
+            if image_pub.get_subscription_count() > 0 and self.node.count_publishers("precision") > 0:
                 return
             rclpy.spin_once(self.node, timeout_sec=0.1)
         raise AssertionError("policy_node did not come up")
@@ -99,24 +106,32 @@ class Driver:
     def instruct(self, text: str) -> None:
         self.instruction_pub.publish(String(data=text))
 
-    def run(self, seconds: float, feed: Callable[[float], None], rate_hz: float = 20.0) -> None:
-        """Spin for ``seconds``, calling ``feed(t)`` at ``rate_hz`` (t = seconds elapsed)."""
+    def run(
+        self, seconds: float, feed: Callable[[float], None], rate_hz: float = 20.0, t0: float = 0.0
+    ) -> None:
+        """Spin for ``seconds``, calling ``feed(t)`` at ``rate_hz`` (t = t0 + seconds elapsed)."""
         start = time.monotonic()
         next_feed = start
         while (now := time.monotonic()) - start < seconds:
             if now >= next_feed:
-                feed(now - start)
+                feed(t0 + now - start)
                 next_feed += 1.0 / rate_hz
             rclpy.spin_once(self.node, timeout_sec=0.005)
 
     def run_until(
-        self, done: Callable[[], bool], feed: Callable[[float], None], timeout: float = 20.0
+        self,
+        done: Callable[[], bool],
+        feed: Callable[[float], None],
+        timeout: float = 60.0,
+        what: str = "the policy node",
+        rate_hz: float = 20.0,
     ) -> None:
-        """Feed and spin until ``done()`` (e.g. the first command arrived)."""
+        """Feed (at ``rate_hz``) and spin until ``done()`` (e.g. the first command arrived);
+        the deadline only stops a hung test, it is no claim about speed."""
         start = time.monotonic()
         while not done():
-            assert time.monotonic() - start < timeout, "timed out waiting for the policy node"
-            self.run(0.1, feed)
+            assert time.monotonic() - start < timeout, f"timed out waiting for {what}"
+            self.run(0.1, feed, rate_hz, t0=time.monotonic() - start)
 
     def publish_joints(self, positions: list[float]) -> None:
         self.joint_pub.publish(JointState(name=[f"j{i}" for i in range(len(positions))], position=positions))
@@ -130,9 +145,14 @@ class Driver:
 
     def last_status(self):
         assert self.diagnostics, "no diagnostics received"
-        status = self.diagnostics[-1].status[0]
-        return status, {kv.key: kv.value for kv in status.values}
+        return status_of(self.diagnostics[-1])
+
+    def reported(self, check: Callable[[object, dict[str, str]], bool]) -> Callable[[], bool]:
+        """A ``run_until`` condition: the newest /diagnostics status satisfies ``check``."""
+        return lambda: bool(self.diagnostics) and check(*self.last_status())
 
 
-def node_env_ok() -> bool:
-    return NODE.exists() and "ROS_DOMAIN_ID" in os.environ
+def status_of(array: DiagnosticArray):
+    """(the status, its key -> value dict) of one /diagnostics message."""
+    status = array.status[0]
+    return status, {kv.key: kv.value for kv in status.values}

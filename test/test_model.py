@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
 
 from dyqvla_ros.model import ActionStats, ActionTokenizer, CheckpointError, VLAPolicy, load_openvla
 from dyqvla_ros.model.config import OpenVLAConfig
-from dyqvla_ros.model.loader import build_model, load_quantized_openvla
-from dyqvla_ros.model.policy import median_action_token
+from dyqvla_ros.model.loader import LoadedOpenVLA, build_model, load_quantized_openvla
+from dyqvla_ros.model.policy import _CACHE_KWARG, median_action_token
 from dyqvla_ros.model.processing import EMPTY_TOKEN_ID, PROMPT_TEMPLATE, prompt_ids, validate_image
 from dyqvla_ros.model.tiny import TINY_UNNORM_KEY, build_tokenizer, make_tiny_openvla
+from dyqvla_ros.quant import activation_bits
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INSTRUCTION = "put the red cube on the blue target"
@@ -182,6 +184,84 @@ def test_every_bit_width_on_the_quantized_tiny_model(tiny_dir, tmp_path):
         assert np.all(action.action[stats.mask] >= stats.q01[stats.mask] - 1e-9)
     with pytest.raises(ValueError, match="not quantized"):
         VLAPolicy(load_openvla(tiny_dir)).predict(image(), INSTRUCTION, bits=4)
+
+
+# "The same computation": tighter than any bit-width changes the tiny model's distributions.
+SAME = {"rtol": 1e-5, "atol": 1e-8}
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny(tiny_dir, tmp_path_factory) -> LoadedOpenVLA:
+    return load_quantized_openvla(tiny_dir, cache_dir=tmp_path_factory.mktemp("w4"))
+
+
+def decode_by_hand(
+    loaded: LoadedOpenVLA, image: np.ndarray, prefill_bits: int, bits: int
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy decode over the action tokens, written out here: the prompt (all but its last
+    token) under ``activation_bits(prefill_bits)``, the 7 tokens under ``activation_bits(bits)``.
+    Returns the tokens and each step's softmax over the action tokens."""
+    model, lm = loaded.model, loaded.model.language_model
+    actions = ActionTokenizer(loaded.config.text_vocab_size, loaded.config.n_action_bins).token_ids
+    ids = prompt_ids(loaded.tokenizer, INSTRUCTION)
+    pixels = VLAPolicy(loaded).preprocess(image)
+    cache = DynamicCache(config=lm.config)
+    with torch.inference_mode():
+        with activation_bits(model, prefill_bits):
+            embeds = model.embed(ids[:, :-1], pixels)
+            lm(inputs_embeds=embeds, use_cache=True, **{_CACHE_KWARG: cache})
+        token, tokens, probs = ids[:, -1:], [], []
+        with activation_bits(model, bits):
+            for _ in range(7):
+                logits = lm(input_ids=token, use_cache=True, **{_CACHE_KWARG: cache}).logits[0, -1]
+                scores = logits[actions.start : actions.stop].float()
+                probs.append(torch.softmax(scores, -1))
+                token = torch.tensor([[actions.start + int(scores.argmax())]])
+                tokens.append(int(token))
+    return tokens, torch.stack(probs)
+
+
+def test_decode_runs_at_the_bits_it_reports(quantized_tiny):
+    """decode(state, b) is the computation under activation_bits(model, b), token for token
+    and distribution for distribution; and a 2-bit decode is not the 16-bit one."""
+    policy = VLAPolicy(quantized_tiny, restrict_to_actions=True)
+    policy.keep_distributions = True
+    state = policy.prefill(image(3), INSTRUCTION)
+    decoded = {}
+    for bits in (16, 8, 4, 2):
+        action = policy.decode(state, bits)
+        tokens, probs = decode_by_hand(quantized_tiny, image(3), 16, bits)
+        assert action.bits == bits and policy.active_bits() == 16  # restored after the step
+        assert action.tokens.tolist() == tokens, bits
+        torch.testing.assert_close(torch.from_numpy(action.distributions), probs, **SAME)
+        decoded[bits] = probs
+    assert not torch.allclose(decoded[2], decoded[16], **SAME)
+
+
+def test_prefill_bits_below_16_and_follow(quantized_tiny):
+    """``prefill_bits`` 8 runs the prompt at 8 bits; ``follow`` at the previous decode's bits
+    (16 before any decode). Each equals the computation written out by hand."""
+    at8 = VLAPolicy(quantized_tiny, prefill_bits=8, restrict_to_actions=True)
+    at8.keep_distributions = True
+    state = at8.prefill(image(4), INSTRUCTION)
+    action = at8.decode(state, 16)
+    tokens, probs = decode_by_hand(quantized_tiny, image(4), 8, 16)
+    assert state.bits == 8 and action.tokens.tolist() == tokens
+    torch.testing.assert_close(torch.from_numpy(action.distributions), probs, **SAME)
+    assert not torch.allclose(probs, decode_by_hand(quantized_tiny, image(4), 16, 16)[1], **SAME)
+
+    follow = VLAPolicy(quantized_tiny, prefill_bits="follow", restrict_to_actions=True)
+    follow.keep_distributions = True
+    assert follow.prefill(image(4), INSTRUCTION).bits == 16  # nothing decoded yet
+    follow.decode(follow.prefill(image(4), INSTRUCTION), 4)
+    state = follow.prefill(image(5), INSTRUCTION)
+    action = follow.decode(state, 2)
+    tokens, probs = decode_by_hand(quantized_tiny, image(5), 4, 2)
+    assert state.bits == 4 and action.tokens.tolist() == tokens
+    torch.testing.assert_close(torch.from_numpy(action.distributions), probs, **SAME)
+    assert follow.prefill(image(5), INSTRUCTION).bits == 2
+    with pytest.raises(ValueError, match="needs a quantized model"):
+        VLAPolicy(load_openvla(quantized_tiny.path), prefill_bits=8)
 
 
 def test_quantized_checkpoint_round_trip(tiny_dir, tmp_path):

@@ -4,16 +4,20 @@ precision controller, statistics, calibration files, and the launch file."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import io
 import math
+import re
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from builtin_interfaces.msg import Time
 from PIL import Image as PILImage
 
+from dyqvla_ros import messages
 from dyqvla_ros.calibration import load_calibration
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.image_conversion import ImageError, compressed_to_rgb, image_to_rgb
@@ -71,6 +75,35 @@ def test_compressed_images():
         compressed_to_rgb("jpeg", b"not a jpeg")
     with pytest.raises(ImageError, match="unsupported compressed format"):
         compressed_to_rgb("tiff", b"")
+
+
+def test_command_and_twist_messages_map_every_field():
+    """OpenVLA's action is (Δx, Δy, Δz, Δroll, Δpitch, Δyaw, gripper): each lands in its own
+    field, the raw action is kept whole, and the twist is the delta / control period."""
+    stamp = Time(sec=12, nanosec=345)
+    clipped = np.array([0.01, -0.02, 0.03, 0.1, -0.2, 0.3, 0.7])
+    raw = np.array([0.011, -0.021, 0.031, 0.11, -0.21, 0.31, 0.71])
+    command = messages.end_effector_command(stamp, "tool0", 7, clipped, raw, 4)
+    assert (command.header.stamp, command.header.frame_id, command.step, command.bits) == (
+        stamp,
+        "tool0",
+        7,
+        4,
+    )
+    position, orientation = command.delta_position, command.delta_orientation
+    assert [position.x, position.y, position.z] == [0.01, -0.02, 0.03]
+    assert [orientation.x, orientation.y, orientation.z] == [0.1, -0.2, 0.3]  # roll, pitch, yaw
+    assert command.gripper == pytest.approx(0.7, abs=1e-7)  # float32 field
+    np.testing.assert_array_equal(command.raw_action, raw.astype(np.float32))
+    twist = messages.twist(stamp, "tool0", clipped, 0.25)
+    assert (twist.header.stamp, twist.header.frame_id) == (stamp, "tool0")
+    linear, angular = twist.twist.linear, twist.twist.angular
+    assert [linear.x, linear.y, linear.z] == pytest.approx([0.04, -0.08, 0.12])
+    assert [angular.x, angular.y, angular.z] == pytest.approx([0.4, -0.8, 1.2])
+    hold = messages.twist(stamp, "tool0", None, 0.25).twist  # stale inputs: stop
+    assert [hold.linear.x, hold.linear.y, hold.linear.z, hold.angular.x, hold.angular.y, hold.angular.z] == [
+        0.0
+    ] * 6
 
 
 def test_pose_delta():
@@ -180,39 +213,51 @@ def _literal_dict(tree: ast.Module, name: str) -> dict:
     raise AssertionError(f"{name} not found in the launch file")
 
 
-def test_launch_file_matches_the_node():
-    """Static check: the `launch` package does not install from PyPI."""
+def readme_launch_arguments() -> set[str]:
+    """The launch arguments the README promises (its "Launch arguments:" paragraph)."""
+    readme = (REPO / "README.md").read_text()
+    paragraph = readme[readme.index("Launch arguments:") :].split("\n\n", 1)[0]
+    return set(re.findall(r"`(\w+)`", paragraph))
+
+
+def test_launch_file_matches_the_node_and_the_readme():
+    """Static check (ROS 2 `launch` is not on PyPI): every argument the README lists is
+    declared, each parameter argument names a node parameter, each remap a node topic."""
     tree = _launch_tree()
     parameters = _literal_dict(tree, "PARAMETER_ARGUMENTS")
     topics = _literal_dict(tree, "TOPIC_ARGUMENTS")
+    documented = readme_launch_arguments()
+    assert len(documented) == 12, documented  # params_file, 7 parameters, 4 topic remaps
+    assert {"params_file", *parameters, *topics} == documented
     names = {PolicyParams.ros_name(f) for f in fields(PolicyParams)}
-    assert set(parameters.values()) <= names
-    for required in ("model_path", "instruction", "device", "precision_mode"):
-        assert required in parameters
-    assert {"image_topic", "joint_states_topic"} <= set(topics)
-    assert set(topics.values()) <= {"image", "joint_states", "instruction", "ee_pose"}
+    assert all(argument == parameter and parameter in names for argument, parameter in parameters.items())
+    assert topics == {
+        f"{topic}_topic": topic for topic in ("image", "joint_states", "instruction", "ee_pose")
+    }
     source = (REPO / "launch" / "policy.launch.py").read_text()
     assert 'executable="policy_node"' in source and 'package="dyqvla_ros"' in source
-    assert '"params_file"' in source
+    declared = [
+        call.args[0].value
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "DeclareLaunchArgument"
+        if call.args and isinstance(call.args[0], ast.Constant)
+    ]
+    assert declared == ["params_file"]  # the others are declared from the two dicts
     setup = (REPO / "setup.py").read_text()
     assert '"policy_node = dyqvla_ros.policy_node:main"' in setup
 
 
 def test_launch_file_runs_with_ros2_launch():
-    launch = pytest.importorskip("launch", reason="the ROS 2 `launch` package is not installed (not on PyPI)")
-    if not hasattr(launch, "LaunchService"):
-        pytest.skip("the installed `launch` is an unrelated PyPI project, not ROS 2 launch")
+    """With ROS 2's launch installed (a ROS 2 workspace, not pip): the launch description
+    loads and declares every argument the README lists. `launch_ros` is looked up rather
+    than `launch`, which from the repository root finds the repository's own launch/."""
+    if importlib.util.find_spec("launch_ros") is None:
+        pytest.skip("ROS 2 launch_ros is not installed (not on PyPI); run in a sourced ROS 2 workspace")
     from launch.launch_description_sources import PythonLaunchDescriptionSource
+
+    import launch
 
     description = PythonLaunchDescriptionSource(
         str(REPO / "launch" / "policy.launch.py")
     ).get_launch_description(launch.LaunchContext())
-    arguments = {a.name for a in description.get_launch_arguments()}
-    assert {
-        "params_file",
-        "model_path",
-        "instruction",
-        "device",
-        "precision_mode",
-        "image_topic",
-    } <= arguments
+    assert {a.name for a in description.get_launch_arguments()} == readme_launch_arguments()
