@@ -49,6 +49,7 @@ def precision_state(
     step: int,
     decision: PrecisionDecision,
     bits: int,
+    weight_bits: int,
     fresh: bool,
     timings_ms: tuple[float, float, float],
 ) -> PrecisionState:
@@ -58,6 +59,7 @@ def precision_state(
         step=step,
         bits=bits,
         target_bits=decision.target_bits,
+        weight_bits=weight_bits,
         sensitivity=float(decision.sensitivity),
         motion_fineness=float(decision.motion_fineness),
         angular_jerk=float(decision.angular_jerk),

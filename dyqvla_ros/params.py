@@ -51,9 +51,12 @@ class PolicyParams:
     group_size: int = _p(128, "INT4 weight group size: 32, 64 or 128")
     cpu_threads: int = _p(0, "torch CPU threads; 0: all cores but one, left to the ROS executor")
     prefill_bits: str = _p("16", "activation bits of the vision + prompt prefill: 2, 4, 8, 16 or follow")
+    weight_bits: int = _p(4, "4: INT4 weights (DyQ-VLA); 16: unquantized, 16-bit activations (A/B baseline)")
     quantize_vision: bool = _p(False, "also quantize the vision backbones and projector to W4")
     cache_dir: str = _p("", "quantized-weights cache directory; empty: $XDG_CACHE_HOME/dyqvla_ros")
     restrict_to_actions: bool = _p(True, "greedy decode over the 256 action tokens only")
+    lowercase_instruction: bool = _p(True, "lower-case and strip the instruction, as OpenVLA does")
+    center_crop: bool = _p(False, "OpenVLA's LIBERO centre crop (90 % of the area), random-crop checkpoints")
     action_decoding: str = _p(
         "", "action tokens: argmax (OpenVLA) or median (over the action tokens); empty: the checkpoint's"
     )
@@ -110,6 +113,17 @@ class PolicyParams:
             )
         if self.cpu_threads < 0:
             raise ValueError(f"parameter 'cpu_threads' must be >= 0, got {self.cpu_threads}")
+        if self.weight_bits not in (4, 16):
+            raise ValueError(f"parameter 'weight_bits' must be 4 or 16, got {self.weight_bits}")
+        if self.weight_bits == 16:
+            if self.precision_mode not in ("dynamic", "16"):
+                raise ValueError(
+                    f"parameter 'precision_mode' {self.precision_mode} needs weight_bits: 4 (quantized)"
+                )
+            if self.prefill_bits not in ("16", "follow"):
+                raise ValueError(f"parameter 'prefill_bits' {self.prefill_bits} needs weight_bits: 4")
+            if self.quantize_vision:
+                raise ValueError("parameter 'quantize_vision' needs weight_bits: 4")
         if self.group_size not in (32, 64, 128):
             raise ValueError(f"parameter 'group_size' must be 32, 64 or 128, got {self.group_size}")
         if self.kinematic_source not in KINEMATIC_SOURCES:

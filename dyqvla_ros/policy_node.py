@@ -54,7 +54,7 @@ from dyqvla_ros import messages
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.image_conversion import ImageError, compressed_to_rgb, image_to_rgb
 from dyqvla_ros.kinematics import KinematicMonitor
-from dyqvla_ros.model import CheckpointError, VLAPolicy
+from dyqvla_ros.model import CheckpointError, VLAPolicy, load_openvla
 from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
 from dyqvla_ros.motion import ForwardKinematics, Motion, PoseDelta
@@ -202,21 +202,29 @@ class PolicyNode(Node):
             # (1 torch thread) to 1 s and the 5 Hz loop fell to 3.4 Hz (bench/node_step.py).
             torch.set_num_threads(p.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        loaded = load_quantized_openvla(
-            self.model_path, self.device, dtype, p.group_size, p.quantize_vision, p.cache_dir or None
-        )
+        if p.weight_bits == 16:  # the unquantized baseline: same node, same topics
+            loaded = load_openvla(self.model_path, self.device, dtype)
+        else:
+            loaded = load_quantized_openvla(
+                self.model_path, self.device, dtype, p.group_size, p.quantize_vision, p.cache_dir or None
+            )
         prefill = p.prefill_bits if p.prefill_bits == "follow" else int(p.prefill_bits)
         policy = VLAPolicy(
             loaded,
             p.unnorm_key or None,
             prefill,
             p.restrict_to_actions,
+            center_crop=p.center_crop,
             action_decoding=p.action_decoding or None,
+            lowercase_instruction=p.lowercase_instruction,
         )
         if policy.action_dim != ACTION_DIM:
             raise ValueError(f"the model's actions have {policy.action_dim} dimensions; this node needs 7")
-        how = "read from" if loaded.from_cache else "quantized and written to"
-        self.get_logger().info(f"W4 weights {how} {loaded.quantized_cache}")
+        if p.weight_bits == 16:
+            self.get_logger().info("weights unquantized (weight_bits: 16): every step runs at 16 bits")
+        else:
+            how = "read from" if loaded.from_cache else "quantized and written to"
+            self.get_logger().info(f"W4 weights {how} {loaded.quantized_cache}")
         return policy
 
     def _clip_bounds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -385,7 +393,9 @@ class PolicyNode(Node):
                 self.counters.late_dispatches += 1
                 decision = PrecisionDecision(16, 16, 0.0, 0.0, 0.0, 0, False, 0.0)
             decode_start = time.monotonic()
-            action = self.policy.decode(state, decision.bits)
+            # Unquantized weights run 16-bit activations; the dispatcher's choice stays visible
+            # in target_bits, what DyQ-VLA would have run.
+            action = self.policy.decode(state, decision.bits if self.policy.quantized else 16)
         except Exception as err:
             self.counters.inference_errors += 1
             self._last_error = f"{type(err).__name__}: {err}"
@@ -409,7 +419,9 @@ class PolicyNode(Node):
         step_ms = (time.monotonic() - job.started) * 1e3
         timings = ((prefill_done - job.started) * 1e3, (done - decode_start) * 1e3, step_ms)
         self.precision_pub.publish(
-            messages.precision_state(stamp, frame_id, step, decision, action.bits, fresh, timings)
+            messages.precision_state(
+                stamp, frame_id, step, decision, action.bits, self.params.weight_bits, fresh, timings
+            )
         )
         self.stats.record(action.bits, fresh, step_ms, job.started)
 
@@ -419,6 +431,11 @@ class PolicyNode(Node):
         self._worker.join(timeout=30.0)
 
     # --- diagnostics ------------------------------------------------------------------
+    def _backend(self) -> str:
+        if not self.policy.quantized:
+            return "torch, unquantized weights"
+        return "triton" if self.device == "cuda" else "reference; cpu built-ins for large prefills"
+
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()
         level, message = "OK", "running"
@@ -440,8 +457,9 @@ class PolicyNode(Node):
         values = {
             "model": self.model_path,
             "device": self.device,
-            "backend": "triton" if self.device == "cuda" else "reference; cpu built-ins for large prefills",
+            "backend": self._backend(),
             "precision_mode": self.params.precision_mode,
+            "weight_bits": self.params.weight_bits,
             "active_bits": self.policy.active_bits(),
             **{f"share_{b}bit": f"{shares[b]:.3f}" for b in (2, 4, 8, 16)},
             "steps": self.stats.steps,

@@ -74,7 +74,7 @@ from dyqvla_ros.model.loader import (
     inspect_checkpoint,
     read_tensors,
 )
-from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
+from dyqvla_ros.model.processing import ImagePreprocessor, instruction_text, prompt_ids
 from dyqvla_ros.sim.env import TabletopEnv, camera_pixels
 from dyqvla_ros.sim.expert import PHASES, STATE_FIELDS
 from dyqvla_ros.sim.scene import TABLE_TOP
@@ -255,15 +255,22 @@ class BehaviourCloning:
         stats = ActionStats.select(self.norm_stats, UNNORM_KEY)
         self.tokenizer = ActionTokenizer(loaded.config.text_vocab_size, loaded.config.n_action_bins)
         self.targets = torch.as_tensor(self.tokenizer.encode(stats.normalize(actions)), dtype=torch.long)
-        self.preprocess = ImagePreprocessor(self.model.vision_backbone.featurizers, loaded.config.image_size)
+        self.preprocess = ImagePreprocessor(
+            self.model.vision_backbone.featurizers,
+            loaded.config.image_size,
+            resize_strategy=loaded.config.image_resize_strategy,
+        )
         # Filled in place: stacking a list of per-sample copies held that list and the stack
         # beside the bag frames at its peak (177k tabletop frames, 8.7 GB each copy, were killed
         # for memory at 24 GiB; in place they peaked at 18.3 GB resident).
         size = loaded.config.image_size
         self.frames = torch.empty((len(samples), size, size, 3), dtype=torch.uint8)
         for i, sample in enumerate(samples):
-            self.frames[i] = _resized(sample.image, size)
-        prompts = {s.instruction: prompt_ids(loaded.tokenizer, s.instruction)[0] for s in samples}
+            self.frames[i] = torch.from_numpy(self.preprocess.frame(sample.image)[0])  # the node's resize
+        # Lower-cased, as OpenVLA's RLDS pipeline trains and the node runs by default.
+        prompts = {
+            s.instruction: prompt_ids(loaded.tokenizer, instruction_text(s.instruction))[0] for s in samples
+        }
         self.prompts = [prompts[s.instruction] for s in samples]
         self.n_samples = len(samples)
         self.lr, self.total_steps, self.warmup, self.shift = lr, max(total_steps, 1), warmup, shift
@@ -544,16 +551,6 @@ def _copy_metadata(checkpoint: Path, out: Path) -> None:
             _atomic(out / name, lambda p, name=name: p.write_bytes((checkpoint / name).read_bytes()))
     for file in out.iterdir():
         file.chmod(0o644)  # safetensors writes 0600; a shipped file is world-readable
-
-
-def _resized(image: np.ndarray, size: int) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8: the policy's bicubic resize, rounded back to
-    uint8 so a whole dataset fits in memory (identity for bags recorded at the model's size)."""
-    x = torch.from_numpy(np.array(image))  # a writable copy (bag frames are read-only)
-    if x.shape[:2] == (size, size):
-        return x
-    x = F.interpolate(x.permute(2, 0, 1)[None].float(), size=(size, size), mode="bicubic", antialias=True)
-    return x[0].clamp(0, 255).round().permute(1, 2, 0).to(torch.uint8)
 
 
 def _atomic(path: Path, write) -> None:

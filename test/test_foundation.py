@@ -24,6 +24,7 @@ def test_message_types_import_and_have_documented_fields():
         "step": "uint64",
         "bits": "uint8",
         "target_bits": "uint8",
+        "weight_bits": "uint8",
         "sensitivity": "float",
         "motion_fineness": "float",
         "angular_jerk": "float",

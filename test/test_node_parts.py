@@ -180,6 +180,10 @@ def test_calibration_file_overrides_thresholds(tmp_path):
         ({"lam": 2.0}, "lambda must be in"),
         ({"allowed_bits": [2, 4, 8]}, "allowed_bits must contain 16"),
         ({"precision_mode": "2", "allowed_bits": [4, 8, 16]}, "'precision_mode' 2 is not in allowed_bits"),
+        ({"weight_bits": 2}, "'weight_bits' must be 4 or 16"),
+        ({"weight_bits": 16, "precision_mode": "8"}, "'precision_mode' 8 needs weight_bits: 4"),
+        ({"weight_bits": 16, "prefill_bits": "8"}, "'prefill_bits' 8 needs weight_bits: 4"),
+        ({"weight_bits": 16, "quantize_vision": True}, "'quantize_vision' needs weight_bits: 4"),
     ],
 )
 def test_parameter_validation_names_the_parameter(changes, message):

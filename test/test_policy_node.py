@@ -23,9 +23,9 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String, UInt64
 
 from dyqvla_ros.bags.store import stamp_seconds
-from dyqvla_ros.model import VLAPolicy
+from dyqvla_ros.model import VLAPolicy, load_openvla
 from dyqvla_ros.model.embedded import embedded_policy_path
-from dyqvla_ros.model.loader import load_quantized_openvla
+from dyqvla_ros.model.loader import LoadedOpenVLA, load_quantized_openvla
 from dyqvla_ros.policy_node import PolicyNode
 
 INSTRUCTION = "put the red cube on the blue target"
@@ -52,9 +52,26 @@ def driver(ros, ros_namespace):
 
 
 @pytest.fixture(scope="module")
-def embedded_policy() -> VLAPolicy:
-    """The embedded policy exactly as the node loads it (same W4 cache, restrict_to_actions)."""
-    return VLAPolicy(load_quantized_openvla(embedded_policy_path()), restrict_to_actions=True)
+def embedded_w4() -> LoadedOpenVLA:
+    """The embedded policy's W4 model exactly as the node loads it (same quantized cache)."""
+    return load_quantized_openvla(embedded_policy_path())
+
+
+@pytest.fixture(scope="module")
+def embedded_policy(embedded_w4) -> VLAPolicy:
+    return VLAPolicy(embedded_w4, restrict_to_actions=True)
+
+
+def actions(policy: VLAPolicy, *bits: int) -> list[np.ndarray]:
+    """The policy's actions for FRAME at each of ``bits``, on one thread as the nodes below
+    run (cpu_threads 1): the same arithmetic, bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state = policy.prefill(FRAME, INSTRUCTION)
+        return [policy.decode(state, b).action for b in bits]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def frame_message(rgb: np.ndarray) -> Image:
@@ -151,28 +168,34 @@ def vector(v) -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "mode, compressed, bounds",
-    [("2", False, (NARROW_LOW, NARROW_HIGH)), ("4", True, None)],
-    ids=["A2-raw-image-narrow-clip", "A4-png"],
+    "mode, compressed, bounds, crop",
+    [("2", False, (NARROW_LOW, NARROW_HIGH), False), ("4", True, None, True)],
+    ids=["A2-raw-image-narrow-clip", "A4-png-center-crop"],
 )
 def test_decode_runs_at_the_fixed_precision(
-    tmp_path, driver, ros_namespace, embedded_policy, mode, compressed, bounds
+    tmp_path, driver, ros_namespace, embedded_w4, mode, compressed, bounds, crop
 ):
     """The node's command is the policy's action at the fixed bit-width for this frame,
     computed here independently, and differs from the 16-bit action: the bits reach the
-    model, not only the report. With narrow bounds every command is clip(raw_action)."""
+    model, not only the report. With narrow bounds every command is clip(raw_action); with
+    center_crop the crop reaches the model (the action differs from the uncropped one); the
+    instruction arrives in mixed case and is lower-cased as OpenVLA does."""
     bits = int(mode)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the node below: the same arithmetic, bit for bit
-    try:
-        state = embedded_policy.prefill(FRAME, INSTRUCTION)
-        expected, full = embedded_policy.decode(state, bits).action, embedded_policy.decode(state, 16).action
-    finally:
-        torch.set_num_threads(threads)
+    policy = VLAPolicy(embedded_w4, restrict_to_actions=True, center_crop=crop)
+    expected, full = actions(policy, bits, 16)
     assert not np.allclose(expected, full, atol=1e-4)  # the frame tells the widths apart
+    if crop:
+        (uncropped,) = actions(VLAPolicy(embedded_w4, restrict_to_actions=True), bits)
+        assert not np.allclose(expected, uncropped, atol=1e-4)
     extra = {"action_low": bounds[0], "action_high": bounds[1]} if bounds else {}
     proc = start_node(
-        tmp_path, ros_namespace, precision_mode=mode, compressed=compressed, cpu_threads=1, **extra
+        tmp_path,
+        ros_namespace,
+        precision_mode=mode,
+        compressed=compressed,
+        center_crop=crop,
+        cpu_threads=1,
+        **extra,
     )
     compressed_pub = driver.node.create_publisher(CompressedImage, "image/compressed", 10)
     message = png_message(FRAME) if compressed else frame_message(FRAME)
@@ -182,11 +205,11 @@ def test_decode_runs_at_the_fixed_precision(
 
     try:
         driver.wait_for_node(proc, image_pub=compressed_pub if compressed else driver.image_pub)
-        driver.instruct(INSTRUCTION)
+        driver.instruct(" Put the RED cube on the Blue Target")
         driver.run_until(lambda: len(driver.commands) >= 3, feed, DEADLINE_S, "3 commands")
     finally:
         stop(proc)
-    assert {m.bits for _, m in driver.precision} == {bits}
+    assert {(m.bits, m.weight_bits) for _, m in driver.precision} == {(bits, 4)}
     low, high = (np.array(b) for b in bounds) if bounds else (-np.inf, np.inf)
     for _, command in driver.commands:
         assert command.bits == bits
@@ -195,6 +218,32 @@ def test_decode_runs_at_the_fixed_precision(
         np.testing.assert_allclose(published, np.clip(np.float32(expected), low, high), atol=1e-6)
     if bounds:
         assert np.any((expected < low) | (expected > high))  # the bounds did bite
+
+
+def test_weight_bits_16_runs_the_unquantized_model(tmp_path, driver, ros_namespace, embedded_policy):
+    """weight_bits 16, the A/B baseline: the command is the full-precision checkpoint's action
+    (not the W4 model's, which differs on this frame) and precision says 16 / unquantized."""
+    (expected,) = actions(VLAPolicy(load_openvla(embedded_policy_path()), restrict_to_actions=True), 16)
+    (w4a16,) = actions(embedded_policy, 16)
+    assert not np.allclose(expected, w4a16, atol=1e-4)
+    proc = start_node(tmp_path, ros_namespace, weight_bits=16, cpu_threads=1)
+    try:
+        driver.wait_for_node(proc)
+        driver.instruct(INSTRUCTION)
+        driver.run_until(
+            lambda: len(driver.commands) >= 3 and driver.diagnostics,
+            lambda t: driver.image_pub.publish(frame_message(FRAME)),
+            DEADLINE_S,
+            "3 commands",
+        )
+    finally:
+        out = stop(proc)
+    assert {(m.bits, m.weight_bits) for _, m in driver.precision} == {(16, 16)}, out
+    for _, command in driver.commands:
+        np.testing.assert_allclose(command.raw_action, expected, rtol=1e-6, atol=1e-7)
+    _, values = driver.last_status()
+    assert values["weight_bits"] == "16" and values["backend"] == "torch, unquantized weights"
+    assert "weights unquantized (weight_bits: 16)" in out
 
 
 def test_precision_follows_motion_and_a_new_instruction_starts_an_episode(tmp_path, driver, ros_namespace):
@@ -397,6 +446,8 @@ def test_stale_inputs_hold_then_recover(tmp_path, driver, ros_namespace, stopped
         ({"control_rate_hz": 5}, "'control_rate_hz' has the wrong type"),
         ({"model_path": "/nonexistent/openvla"}, "checkpoint directory not found: /nonexistent/openvla"),
         ({"calibration_file": "/nonexistent/cal.yaml"}, "calibration_file: file not found"),
+        ({"weight_bits": 8}, "'weight_bits' must be 4 or 16"),
+        ({"weight_bits": 16, "precision_mode": "4"}, "'precision_mode' 4 needs weight_bits: 4"),
     ],
 )
 def test_invalid_parameters_exit_with_a_message(tmp_path, params, message):

@@ -15,6 +15,8 @@ from typing import Any
 
 from transformers import LlamaConfig
 
+from dyqvla_ros.model.processing import IMAGE_RESIZE_STRATEGIES
+
 ACTION_DECODINGS = ("argmax", "median")
 
 
@@ -42,6 +44,7 @@ class OpenVLAConfig:
     norm_stats: dict[str, Any] | None = None
     timm_overrides: list[dict[str, Any]] = field(default_factory=list)
     action_decoding: str = "argmax"
+    image_resize_strategy: str = "resize-naive"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -75,6 +78,11 @@ class OpenVLAConfig:
         n_bins = int(data.get("n_action_bins", 256))
         if n_bins < 2:
             raise UnsupportedConfigError(f"n_action_bins must be >= 2, got {n_bins}")
+        strategy = data.get("image_resize_strategy", "resize-naive")
+        if strategy not in IMAGE_RESIZE_STRATEGIES:
+            raise UnsupportedConfigError(
+                f"image_resize_strategy must be one of {IMAGE_RESIZE_STRATEGIES}, got {strategy!r}"
+            )
         decoding = data.get("dyqvla_action_decoding", "argmax")
         if decoding not in ACTION_DECODINGS:
             raise UnsupportedConfigError(
@@ -92,6 +100,7 @@ class OpenVLAConfig:
             norm_stats=data.get("norm_stats"),
             timm_overrides=overrides,
             action_decoding=decoding,
+            image_resize_strategy=strategy,
             raw=data,
         )
 

@@ -28,7 +28,7 @@ from dyqvla_ros.model.action_tokenizer import ActionStats, ActionTokenizer
 from dyqvla_ros.model.config import check_action_decoding
 from dyqvla_ros.model.graphs import DecodeGraphs
 from dyqvla_ros.model.loader import LoadedOpenVLA
-from dyqvla_ros.model.processing import ImagePreprocessor, prompt_ids
+from dyqvla_ros.model.processing import ImagePreprocessor, instruction_text, prompt_ids
 from dyqvla_ros.quant import activation_bits, get_activation_bits, quantized_layers
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,10 @@ class VLAPolicy:
         prefill_bits: 2/4/8/16, or ``"follow"`` (previous decode's bits).
         restrict_to_actions: greedy decode over the action tokens only (OpenVLA decodes
             over the whole vocabulary; off by default to match it exactly).
-        center_crop: OpenVLA's LIBERO evaluation centre crop (90 % of the area).
+        center_crop: OpenVLA's LIBERO evaluation centre crop (90 % of the area, TF's
+            ``crop_and_resize``; for checkpoints fine-tuned with random crops).
+        lowercase_instruction: lower-case (and strip) the instruction, as OpenVLA's
+            inference and training do; False for checkpoints trained on text as given.
         action_decoding: ``"argmax"`` (OpenVLA's greedy decode) or ``"median"``: each
             action token is the median bin of the distribution over the action tokens,
             ordered by the value they decode to (see ``median_action_token``). None: the
@@ -99,6 +102,7 @@ class VLAPolicy:
         restrict_to_actions: bool = False,
         center_crop: bool = False,
         action_decoding: str | None = None,
+        lowercase_instruction: bool = True,
     ) -> None:
         if action_decoding is None:
             action_decoding = loaded.config.action_decoding
@@ -114,8 +118,12 @@ class VLAPolicy:
             raise ValueError("prefill_bits below 16 needs a quantized model")
         self.prefill_bits = prefill_bits
         self.preprocess = ImagePreprocessor(
-            self.model.vision_backbone.featurizers, loaded.config.image_size, center_crop
+            self.model.vision_backbone.featurizers,
+            loaded.config.image_size,
+            center_crop,
+            loaded.config.image_resize_strategy,
         )
+        self.lowercase_instruction = lowercase_instruction
         self.device = next(self.model.parameters()).device
         self.dtype = self.model.language_model.get_input_embeddings().weight.dtype
         self._last_decode_bits = 16
@@ -182,7 +190,8 @@ class VLAPolicy:
     @torch.inference_mode()
     def prefill(self, image: np.ndarray, instruction: str) -> PrefillState:
         """Vision encoder + LLM prefill over the prompt without its last token."""
-        ids = prompt_ids(self.tokenizer, instruction).to(self.device)
+        ids = prompt_ids(self.tokenizer, instruction_text(instruction, self.lowercase_instruction))
+        ids = ids.to(self.device)
         pixels = self.preprocess(image).to(self.device, self.dtype)
         bits = self._last_decode_bits if self.prefill_bits == PREFILL_FOLLOW else int(self.prefill_bits)
         if not self.quantized:
