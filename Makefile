@@ -9,7 +9,7 @@ export AMENT_PREFIX_PATH := $(abspath $(VENV))$(if $(AMENT_PREFIX_PATH),:$(AMENT
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint format bench closed-loop clean
+.PHONY: setup demo test lint format bench closed-loop embedded-calibration clean
 
 setup: $(VENV)/.pkg-stamp
 
@@ -78,6 +78,20 @@ closed-loop: setup
 	$(BIN)/dyqvla-eval-sim --precision 16 8 4 2 dynamic --episodes $(EPISODES) --seed 100000 \
 	    --workers $(WORKERS) --calibration $(CL)/calibration/calibration.yaml --out $(CL)/eval.json
 	$(BIN)/dyqvla-sensitivity --episodes 60 --seed 100000 --stride 2 --out $(CL)/sensitivity
+
+# The calibration shipped beside the embedded policy, which the node, the demo and
+# dyqvla-eval-sim use by default with it: the [C] one of BENCHMARKS.md (10 held-out expert
+# episodes at 10 Hz, CALIB_ARGS). Machine paths in the file are replaced by their recipe.
+EMB := out/embedded-calibration
+EMB_FILE := dyqvla_ros/policies/tabletop/calibration.yaml
+embedded-calibration: setup
+	rm -rf $(EMB) && mkdir -p $(EMB)
+	$(BIN)/dyqvla-collect $(EMB)/calib_bag --episodes 10 --seed 50000
+	$(BIN)/dyqvla-profile $(EMB)/calib_bag --rate 10 --out $(EMB)/calibration $(CALIB_ARGS)
+	( echo '# Shipped with the embedded policy; re-created by `make embedded-calibration` (BENCHMARKS.md [C]).'; \
+	  sed -e 's|^  model: .*|  model: dyqvla_ros/policies/tabletop (the embedded policy)|' \
+	      -e "s|^  - .*calib_bag$$|  - 'dyqvla-collect calib_bag --episodes 10 --seed 50000'|" \
+	      $(EMB)/calibration/calibration.yaml ) > $(EMB_FILE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

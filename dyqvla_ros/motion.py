@@ -12,6 +12,7 @@ convention; translations are in the base frame (m).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +22,44 @@ Motion = tuple[np.ndarray, np.ndarray]  # (delta xyz, delta rpy)
 KINEMATIC_SOURCES = ("command", "ee_pose", "joint_states")
 
 
-class PoseDelta:
-    """Turns successive end-effector poses into per-step motion."""
+class ImplausibleMotionError(ValueError):
+    """The end effector moved faster than it can: a glitch, never evidence of coarse motion."""
 
-    def __init__(self) -> None:
-        self._previous: tuple[np.ndarray, Rotation] | None = None
+
+class PoseDelta:
+    """Turns successive end-effector poses into per-step motion.
+
+    ``max_speed_mps``: a translation faster than this between two poses (their receipt
+    times ``t``) is a glitch (a pose from another frame, an FK jump, a 10 km teleport), not
+    motion: ``step`` raises ImplausibleMotionError and forgets the previous pose, so the monitor
+    gets nothing this step (fail-safe 16 bits) and motion resumes from the next pose. Read
+    as evidence it would make S_t fall and precision drop.
+    """
+
+    def __init__(self, max_speed_mps: float = math.inf) -> None:
+        self.max_speed_mps = max_speed_mps
+        self._previous: tuple[np.ndarray, Rotation, float] | None = None
 
     def reset(self) -> None:
         self._previous = None
 
-    def step(self, position: np.ndarray, quaternion_xyzw: np.ndarray) -> Motion | None:
+    def step(self, position: np.ndarray, quaternion_xyzw: np.ndarray, t: float = 0.0) -> Motion | None:
         """Motion since the previous call; None on the first call after a reset."""
         rotation = Rotation.from_quat(quaternion_xyzw)
-        previous, self._previous = self._previous, (np.asarray(position, dtype=float), rotation)
+        position = np.asarray(position, dtype=float)
+        previous, self._previous = self._previous, (position, rotation, t)
         if previous is None:
             return None
-        p0, r0 = previous
-        return self._previous[0] - p0, (r0.inv() * rotation).as_euler("xyz")
+        p0, r0, t0 = previous
+        translation = position - p0
+        distance = float(np.linalg.norm(translation))
+        if math.isfinite(self.max_speed_mps) and distance > self.max_speed_mps * max(t - t0, 0.0):
+            self._previous = None
+            raise ImplausibleMotionError(
+                f"end effector moved {distance:.3g} m in {t - t0:.3g} s, faster than max_ee_speed_mps "
+                f"{self.max_speed_mps:g}"
+            )
+        return translation, (r0.inv() * rotation).as_euler("xyz")
 
 
 class ForwardKinematics:

@@ -9,10 +9,10 @@ defaults for launch files.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from dyqvla_ros.calibration import load_calibration, thresholds
+from dyqvla_ros.calibration import THRESHOLD_KEYS, load_calibration, thresholds
 from dyqvla_ros.dispatcher import (
     DEFAULT_K,
     DEFAULT_LAMBDA,
@@ -29,36 +29,57 @@ from dyqvla_ros.kinematics import (
     validate_monitor_params,
 )
 from dyqvla_ros.model.config import ACTION_DECODINGS
+from dyqvla_ros.model.embedded import embedded_calibration_path
 from dyqvla_ros.motion import KINEMATIC_SOURCES
 from dyqvla_ros.precision import PRECISION_MODES
 
 DEVICES = ("auto", "cpu", "cuda")
 PREFILL_BITS = ("2", "4", "8", "16", "follow")
+NO_CALIBRATION = "none"
 
 
-def _p(default: Any, description: str, name: str | None = None) -> Any:
-    return field(default_factory=lambda: default, metadata={"description": description, "name": name})
+def _p(default: Any, description: str, name: str | None = None, restart: bool = False) -> Any:
+    """A parameter; ``restart``: read when the model is loaded (configure), so it cannot change
+    while the node is configured."""
+    if restart:
+        description += " (applies at configure: restart the node to change it)"
+    metadata = {"description": description, "name": name, "restart": restart}
+    return field(default_factory=lambda: default, metadata=metadata)
 
 
 @dataclass
 class PolicyParams:
-    model_path: str = _p("", "OpenVLA checkpoint directory; empty: the embedded tabletop policy")
-    unnorm_key: str = _p("", "dataset statistics used to un-normalise actions; empty if the model has one")
+    model_path: str = _p(
+        "", "OpenVLA checkpoint directory; empty: the embedded tabletop policy", restart=True
+    )
+    unnorm_key: str = _p(
+        "", "dataset statistics used to un-normalise actions; empty if the model has one", restart=True
+    )
     instruction: str = _p("", "initial language instruction; the 'instruction' topic replaces it")
-    device: str = _p("auto", "auto, cpu or cuda")
+    device: str = _p("auto", "auto, cpu or cuda", restart=True)
     control_rate_hz: float = _p(5.0, "control steps per second (Hz), > 0")
     precision_mode: str = _p("dynamic", "dynamic (DyQ-VLA), or a fixed activation bit-width 2, 4, 8, 16")
-    group_size: int = _p(128, "INT4 weight group size: 32, 64 or 128")
-    cpu_threads: int = _p(0, "torch CPU threads; 0: all cores but one, left to the ROS executor")
-    prefill_bits: str = _p("16", "activation bits of the vision + prompt prefill: 2, 4, 8, 16 or follow")
-    weight_bits: int = _p(4, "4: INT4 weights (DyQ-VLA); 16: unquantized, 16-bit activations (A/B baseline)")
-    quantize_vision: bool = _p(False, "also quantize the vision backbones and projector to W4")
-    cache_dir: str = _p("", "quantized-weights cache directory; empty: $XDG_CACHE_HOME/dyqvla_ros")
-    restrict_to_actions: bool = _p(True, "greedy decode over the 256 action tokens only")
+    group_size: int = _p(128, "INT4 weight group size: 32, 64 or 128", restart=True)
+    cpu_threads: int = _p(
+        0, "torch CPU threads; 0: all cores but one, left to the ROS executor", restart=True
+    )
+    prefill_bits: str = _p(
+        "16", "activation bits of the vision + prompt prefill: 2, 4, 8, 16 or follow", restart=True
+    )
+    weight_bits: int = _p(
+        4, "4: INT4 weights (DyQ-VLA); 16: unquantized, 16-bit activations (A/B baseline)", restart=True
+    )
+    quantize_vision: bool = _p(False, "also quantize the vision backbones and projector to W4", restart=True)
+    cache_dir: str = _p(
+        "", "quantized-weights cache directory; empty: $XDG_CACHE_HOME/dyqvla_ros", restart=True
+    )
+    restrict_to_actions: bool = _p(True, "greedy decode over the 256 action tokens only", restart=True)
     lowercase_instruction: bool = _p(True, "lower-case and strip the instruction, as OpenVLA does")
     center_crop: bool = _p(False, "OpenVLA's LIBERO centre crop (90 % of the area), random-crop checkpoints")
     action_decoding: str = _p(
-        "", "action tokens: argmax (OpenVLA) or median (over the action tokens); empty: the checkpoint's"
+        "",
+        "action tokens: argmax (OpenVLA) or median (over the action tokens); empty: the checkpoint's",
+        restart=True,
     )
     lam: float = _p(DEFAULT_LAMBDA, "λ, weight of the Motion Fineness mean in S_t, in [0, 1]", "lambda")
     k: int = _p(DEFAULT_K, "K, steps that confirm a precision downgrade, >= 1")
@@ -70,7 +91,11 @@ class PolicyParams:
     percentile: float = _p(DEFAULT_PERCENTILE, "percentile of the mu_max / nu_max normalisers, (0, 100]")
     history: int = _p(DEFAULT_HISTORY, "steps kept for the normaliser percentiles, >= 1")
     allowed_bits: list[int] = _p([2, 4, 8, 16], "activation bit-widths the device may run; must include 16")
-    calibration_file: str = _p("", "YAML from dyqvla-profile; its thresholds override theta_*")
+    calibration_file: str = _p(
+        "",
+        "YAML from dyqvla-profile, its thresholds override theta_*; empty: the embedded policy's own "
+        "calibration when model_path is empty, none otherwise; 'none': theta_* as set",
+    )
     stale_image_timeout_s: float = _p(1.0, "no command when the newest image is older than this (s), > 0")
     stale_joint_timeout_s: float = _p(
         0.5, "no command when joint states / ee_pose are older than this (s), > 0"
@@ -81,19 +106,43 @@ class PolicyParams:
     dispatch_timeout_ms: float = _p(
         50.0, "longest wait for b*_t after the prefill; later -> 16 bits, not fresh"
     )
-    kinematic_source: str = _p("command", "motion for the monitor: command, ee_pose or joint_states")
-    urdf_path: str = _p("", "URDF for kinematic_source joint_states")
-    ee_link: str = _p("", "end-effector frame of the URDF for kinematic_source joint_states")
-    compressed: bool = _p(False, "subscribe to image/compressed (jpeg/png) instead of image")
-    publish_twist: bool = _p(False, "also publish ee_twist (TwistStamped, delta / control period)")
+    kinematic_source: str = _p(
+        "command", "motion for the monitor: command, ee_pose or joint_states", restart=True
+    )
+    urdf_path: str = _p("", "URDF for kinematic_source joint_states", restart=True)
+    ee_link: str = _p("", "end-effector frame of the URDF for kinematic_source joint_states", restart=True)
+    compressed: bool = _p(False, "subscribe to image/compressed (jpeg/png) instead of image", restart=True)
+    publish_twist: bool = _p(
+        False, "also publish ee_twist (TwistStamped, delta / control period)", restart=True
+    )
     command_frame_id: str = _p("base_link", "frame_id of the published commands")
+    max_image_pixels: int = _p(16_000_000, "larger frames (declared size) are dropped before decoding, > 0")
+    max_instruction_tokens: int = _p(
+        0,
+        "longest prompt (tokens, the template included) run; longer ones are refused; 0: what fits the model",
+    )
+    step_timeout_s: float = _p(2.0, "a step running longer is reported ERROR in /diagnostics (s), > 0")
+    max_ee_speed_mps: float = _p(
+        2.0, "a pose/FK jump faster than this (m/s) is a glitch: rejected, never read as motion, > 0"
+    )
+    managed: bool = _p(False, "run as a lifecycle node that waits for configure/activate", restart=True)
 
     @staticmethod
     def ros_name(f) -> str:
         return f.metadata.get("name") or f.name
 
+    @property
+    def calibration_in_effect(self) -> str:
+        """The calibration file whose thresholds apply, "" for none (``calibration_file``)."""
+        if self.calibration_file == NO_CALIBRATION:
+            return ""
+        if self.calibration_file or self.model_path:
+            return self.calibration_file
+        return str(embedded_calibration_path())
+
     def validate(self) -> PolicyParams:
-        """Raise ValueError naming the first invalid parameter; apply the calibration."""
+        """Raise ValueError naming the first invalid parameter; return the parameters in
+        effect: these, with ``calibration_file``'s thresholds (self is left as declared)."""
         if not (math.isfinite(self.control_rate_hz) and self.control_rate_hz > 0):
             raise ValueError(f"parameter 'control_rate_hz' must be > 0, got {self.control_rate_hz}")
         if self.device not in DEVICES:
@@ -135,31 +184,74 @@ class PolicyParams:
             raise ValueError(
                 "parameters 'urdf_path' and 'ee_link' are required for kinematic_source joint_states"
             )
-        for name in ("stale_image_timeout_s", "stale_joint_timeout_s", "dispatch_timeout_ms"):
+        if self.max_image_pixels <= 0:
+            raise ValueError(f"parameter 'max_image_pixels' must be > 0, got {self.max_image_pixels}")
+        if self.max_instruction_tokens < 0:
+            raise ValueError(
+                f"parameter 'max_instruction_tokens' must be >= 0, got {self.max_instruction_tokens}"
+            )
+        timeouts = ("stale_image_timeout_s", "stale_joint_timeout_s", "dispatch_timeout_ms", "step_timeout_s")
+        for name in (*timeouts, "max_ee_speed_mps"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"parameter '{name}' must be > 0, got {value}")
-        if len(self.action_low) != len(self.action_high):
-            raise ValueError("parameters 'action_low' and 'action_high' must have the same length")
-        if any(lo > hi for lo, hi in zip(self.action_low, self.action_high, strict=True)):
-            raise ValueError("parameter 'action_low' must be <= 'action_high' in every dimension")
-        if self.calibration_file:
-            for key, value in thresholds(load_calibration(self.calibration_file)).items():
-                setattr(self, key, value)
+        if self.action_low and self.action_high:  # each may be empty: the dataset's bound
+            if len(self.action_low) != len(self.action_high):
+                raise ValueError("parameters 'action_low' and 'action_high' must have the same length")
+            if any(lo > hi for lo, hi in zip(self.action_low, self.action_high, strict=True)):
+                raise ValueError("parameter 'action_low' must be <= 'action_high' in every dimension")
+        effective = self
+        if self.calibration_in_effect:
+            effective = replace(self, **thresholds(load_calibration(self.calibration_in_effect)))
         try:
             validate_monitor_params(self.percentile, self.history, self.w_macro, self.w_micro)
             validate_dispatch_params(
-                self.theta_24, self.theta_48, self.theta_fp, self.lam, self.k, self.allowed_bits
+                effective.theta_24,
+                effective.theta_48,
+                effective.theta_fp,
+                self.lam,
+                self.k,
+                self.allowed_bits,
             )
         except ValueError as err:
             raise ValueError(f"invalid parameter: {err}".replace("lam (lambda)", "lambda")) from err
         if self.precision_mode != "dynamic" and int(self.precision_mode) not in self.allowed_bits:
             raise ValueError(f"parameter 'precision_mode' {self.precision_mode} is not in allowed_bits")
-        return self
+        return effective
+
+    def changed(self, changes: dict[str, Any], configured: bool) -> PolicyParams:
+        """These parameters (as declared) with ``changes`` (ROS name -> value) applied; ValueError
+        for a change that cannot apply now. The result is still to be validated.
+
+        While the model is loaded (``configured``) the parameters read at configure are
+        refused, naming the restart they need. A threshold set while a calibration file is
+        in effect would be overridden by it: refused, saying so.
+        """
+        by_ros_name = {PolicyParams.ros_name(f): f for f in fields(PolicyParams)}
+        values = {}
+        for name, value in changes.items():
+            f = by_ros_name.get(name)
+            if f is None:
+                raise ValueError(f"unknown parameter {name!r}")
+            if configured and f.metadata["restart"]:
+                raise ValueError(
+                    f"parameter '{name}' applies when the model is loaded: restart the node "
+                    "(or, managed, deactivate + cleanup, set it, configure)"
+                )
+            values[f.name] = list(value) if isinstance(getattr(self, f.name), list) else value
+        changed = replace(self, **values)
+        overridden = sorted(set(THRESHOLD_KEYS) & set(values))
+        if changed.calibration_in_effect and overridden:
+            raise ValueError(
+                f"{overridden} are set by the calibration file {changed.calibration_in_effect}; set "
+                f"calibration_file to '{NO_CALIBRATION}' first"
+            )
+        return changed
 
 
 def declare_parameters(node) -> PolicyParams:
-    """Declare every PolicyParams field on ``node`` and return the validated values."""
+    """Declare every PolicyParams field on ``node`` and return the values as declared
+    (``validate()`` gives the ones in effect)."""
     from rcl_interfaces.msg import ParameterDescriptor
     from rclpy.exceptions import InvalidParameterTypeException, ParameterUninitializedException
     from rclpy.parameter import Parameter
@@ -182,4 +274,4 @@ def declare_parameters(node) -> PolicyParams:
         except InvalidParameterTypeException as err:
             raise ValueError(f"parameter '{name}' has the wrong type: {err}") from err
         values[f.name] = list(value) if isinstance(default, list) else value
-    return PolicyParams(**values).validate()
+    return PolicyParams(**values)

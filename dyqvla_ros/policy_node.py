@@ -2,8 +2,9 @@
 
 One control step (timer at ``control_rate_hz``, paper §V-B):
 
-1. the timer takes the newest frame and instruction and hands the step to the
-   inference worker thread, which starts the prefill (vision + prompt);
+1. the timer applies any parameter change accepted since the last step, takes the newest
+   frame and instruction and hands the step to the inference worker thread, which
+   starts the prefill (vision + prompt);
 2. meanwhile the kinematic monitor runs on the executor thread, in its own callback
    group, woken through a hidden intra-node topic: motion -> M_t, J_t -> S_t -> b*_t;
 3. the worker decodes the action tokens at b*_t, waiting for it at most
@@ -12,26 +13,37 @@ One control step (timer at ``control_rate_hz``, paper §V-B):
    ``precision`` state.
 
 Threads: the executor thread runs every callback, each short: ``sensors`` (image,
-joints, pose, instruction: copies under a lock), ``control`` (the timer; a tick that
-finds the previous step still running is skipped and counted as an overrun, never
-queued), ``monitor``, ``diagnostics`` (1 Hz). The inference worker is the only long
-job. Callback groups state which callbacks may run concurrently should a
-multi-threaded executor be used.
+joints, pose, instruction, services: copies under a lock), ``control`` (the timer; a
+tick that finds the previous step still running is skipped and counted as an overrun,
+never queued), ``monitor``, ``diagnostics`` (1 Hz). The inference worker is the only
+long job; each step carries the settings it was started with, so a parameter change
+never lands in the middle of a step.
 
-Safety: stale image or robot state -> no command (zero twist), diagnostics WARN, then
-ERROR after ``STALE_ERROR_AFTER_S``; malformed images and non-finite joints/poses are
-dropped and counted; an exception in inference is caught (no command, ERROR, next step
-retried); actions are clipped to ``action_low``/``action_high``.
+Lifecycle (rclpy's LifecycleNode): configure = load the model and the calibration,
+activate = start the control timer, deactivate = hold (no steps, no commands), cleanup =
+release the model. ``managed: false`` (the default) configures and activates itself at
+start-up; ``managed: true`` waits for a lifecycle manager.
+
+Safety: every input callback is total (any exception drops that message, counted);
+frames are bounded by ``max_image_pixels`` before decoding and must hold a patch; stale
+image or robot state -> no command (zero twist), diagnostics WARN, then ERROR after
+``STALE_ERROR_AFTER_S``; a pose jump faster than ``max_ee_speed_mps`` is never read as
+motion; an instruction longer than the model's context is refused; an exception in
+inference is caught (no command, ERROR, next step retried); actions are clipped to
+``action_low``/``action_high``; ``~/enable`` false stops commands.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import queue
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,29 +54,37 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
 from dyqvla_msgs.msg import EndEffectorCommand, PrecisionState
 from geometry_msgs.msg import PoseStamped, TwistStamped
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String, UInt64
+from std_srvs.srv import SetBool, Trigger
 
 from dyqvla_ros import messages
+from dyqvla_ros.calibration import THRESHOLD_KEYS
 from dyqvla_ros.dispatcher import Dispatcher
-from dyqvla_ros.image_conversion import ImageError, compressed_to_rgb, image_to_rgb
+from dyqvla_ros.health import NodeHealth, achieved_rate, assess
+from dyqvla_ros.image_conversion import compressed_to_rgb, image_to_rgb
 from dyqvla_ros.kinematics import KinematicMonitor
 from dyqvla_ros.model import CheckpointError, VLAPolicy, load_openvla
 from dyqvla_ros.model.embedded import embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
-from dyqvla_ros.motion import ForwardKinematics, Motion, PoseDelta
+from dyqvla_ros.motion import ForwardKinematics, ImplausibleMotionError, Motion, PoseDelta
 from dyqvla_ros.params import PolicyParams, declare_parameters
 from dyqvla_ros.precision import PrecisionController, PrecisionDecision
 from dyqvla_ros.step_stats import StepStats
 
-STALE_ERROR_AFTER_S = 3.0
 MONITOR_TOPIC = "~/_monitor_step"  # hidden (leading underscore): internal hand-off
 ACTION_DIM = 7
+# Longer instructions are refused before they are tokenized: no token is under one character.
+MAX_CHARS_PER_TOKEN = 32
+LOG_EVERY_S = 5.0  # dropped-message warnings, per input
+MONITOR_PARAMETERS = {"percentile", "history", "w_macro", "w_micro"}
+DISPATCH_PARAMETERS = {"theta_24", "theta_48", "theta_fp", "lam", "k", "allowed_bits", "calibration_file"}
 NEWEST_ONLY = QoSProfile(
     history=HistoryPolicy.KEEP_LAST,
     depth=1,
@@ -97,6 +117,17 @@ class _StepRequest:
     decision: PrecisionDecision | None = None
 
 
+@dataclass(frozen=True)
+class _StepSettings:
+    """What a step needs of the parameters, fixed when it starts."""
+
+    params: PolicyParams
+    low: np.ndarray
+    high: np.ndarray
+    period_s: float
+    publish_commands: bool
+
+
 @dataclass
 class _StepJob:
     """One control step, from the timer callback to the inference worker."""
@@ -106,6 +137,7 @@ class _StepJob:
     started: float
     stamp: Time
     request: _StepRequest
+    settings: _StepSettings
 
 
 @dataclass
@@ -113,51 +145,84 @@ class _Counters:
     rejected_images: int = 0
     rejected_joints: int = 0
     rejected_poses: int = 0
+    rejected_instructions: int = 0
+    rejected_motions: int = 0
     dropped_frames: int = 0
     stale_steps: int = 0
     inference_errors: int = 0
     late_dispatches: int = 0
+    episode_resets: int = 0
 
 
-class PolicyNode(Node):
-    """Owns the policy, the precision controller, and all topics, timers and groups."""
+def _total(counter: str, what: str) -> Callable:
+    """Make an input callback total: any exception drops that one message, counted in
+    ``counter`` and logged (at most every ``LOG_EVERY_S`` per input, so a flood of bad
+    images does not hide bad joint states); the executor never sees it."""
+
+    def wrap(callback: Callable) -> Callable:
+        @functools.wraps(callback)
+        def guarded(self: PolicyNode, msg: Any) -> None:
+            try:
+                callback(self, msg)
+            except Exception as err:  # a malformed message must never stop the node
+                setattr(self.counters, counter, getattr(self.counters, counter) + 1)
+                now = time.monotonic()
+                if now - self._dropped_logged.get(what, -math.inf) >= LOG_EVERY_S:
+                    self._dropped_logged[what] = now
+                    self.get_logger().warning(f"{what} dropped: {type(err).__name__}: {err}")
+
+        return guarded
+
+    return wrap
+
+
+class PolicyNode(LifecycleNode):
+    """Owns the policy, the precision controller, and all topics, services, timers and groups."""
 
     def __init__(self, **node_options: Any) -> None:
-        """``node_options`` go to ``rclpy.node.Node`` (context, parameter_overrides, ...)."""
+        """``node_options`` go to ``rclpy.node.Node`` (context, parameter_overrides, ...).
+
+        Raises ValueError for invalid parameters (the model is loaded at configure)."""
         super().__init__("policy_node", **node_options)
-        self.params: PolicyParams = declare_parameters(self)
-        p = self.params
-        self.period_s = 1.0 / p.control_rate_hz
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = auto if p.device == "auto" else p.device
-        self.model_path = p.model_path or str(embedded_policy_path())
-        self.policy = self._load_policy()
-        self.controller = PrecisionController(
-            KinematicMonitor(p.percentile, p.history, p.w_macro, p.w_micro),
-            Dispatcher(p.theta_24, p.theta_48, p.theta_fp, p.lam, p.k, p.allowed_bits),
-            p.precision_mode,
-        )
-        self.low, self.high = self._clip_bounds()
-        self.fk = ForwardKinematics(p.urdf_path, p.ee_link) if p.kinematic_source == "joint_states" else None
-        self.pose_delta = PoseDelta()
+        self._declared: PolicyParams = declare_parameters(self)
+        self.params = self._declared.validate()
+        self._pending: PolicyParams | None = None  # accepted, applied before the next step
+        self.device = ""
+        self.model_path = self.params.model_path or str(embedded_policy_path())
+        self.policy: VLAPolicy | None = None
+        self.controller: PrecisionController | None = None
+        self.fk: ForwardKinematics | None = None
+        self.low = self.high = np.zeros(ACTION_DIM)
+        self.pose_delta = PoseDelta(self.params.max_ee_speed_mps)
+        self._min_side = 1  # the model's patch, once loaded
 
         self._lock = threading.Lock()
         self._frame: _Latest | None = None
         self._joints: _Latest | None = None
         self._pose: _Latest | None = None
-        self._instruction = p.instruction.strip()
+        self._instruction = ""
+        self._refused: str | None = None  # why the latest instruction was refused
         self._last_command: np.ndarray | None = None
         self._request: _StepRequest | None = None
         self._step = 0
+        self._active = False
+        self._enabled = True
+        self._configure_error: str | None = None
         self._stale_since: float | None = None
         self._stale_reason_text = ""
+        self._stepping_since: float | None = None
+        self._running_since: float | None = None  # start of the step in flight
+        self._slowest_s = 0.0  # slowest step finished since the last diagnostics report
         self._last_error: str | None = None  # of the latest step; None once a step succeeds
         self._errors_reported = 0  # inference errors already shown by /diagnostics
         self.stats = StepStats()
         self.counters = _Counters()
+        self._dropped_logged: dict[str, float] = {}  # input -> when its last drop was logged
+        self._timer = None
 
-        sensors, control = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
+        self._sensors, self._control = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
         monitor, diagnostics = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
+        p, sensors = self.params, self._sensors
         if p.compressed:
             self.create_subscription(
                 CompressedImage, "image/compressed", self._on_compressed, NEWEST_ONLY, callback_group=sensors
@@ -176,6 +241,8 @@ class PolicyNode(Node):
         self.twist_pub = self.create_publisher(TwistStamped, "ee_twist", 10) if p.publish_twist else None
         self.precision_pub = self.create_publisher(PrecisionState, "precision", 10)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_service(SetBool, "~/enable", self._on_enable, callback_group=sensors)
+        self.create_service(Trigger, "~/reset", self._on_reset, callback_group=sensors)
         # The monitor is woken at the start of each step through a hidden intra-node topic
         # (a subscription is a plain callback in its group; rclpy re-triggers a guard
         # condition until it is taken, a second source of executor spinning).
@@ -186,16 +253,85 @@ class PolicyNode(Node):
         self._busy = threading.Event()
         self._worker = threading.Thread(target=self._inference_loop, name="dyqvla-inference", daemon=True)
         self._worker.start()
-        self.create_timer(self.period_s, self._control_step, callback_group=control)
         self.create_timer(1.0, self._publish_diagnostics, callback_group=diagnostics)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        if p.instruction.strip():
+            self._set_instruction(p.instruction)
+
+    # --- lifecycle ----------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Load the model and the calibration; a failure leaves the node unconfigured."""
+        try:
+            self.params = self._declared.validate()  # re-reads the calibration file
+            self.policy = self._load_policy()
+            self.controller = self._controller(self.params)
+            self.low, self.high = self._clip_bounds(self.params)
+            p = self.params
+            if p.kinematic_source == "joint_states":
+                self.fk = ForwardKinematics(p.urdf_path, p.ee_link)
+        except (ValueError, CheckpointError) as err:
+            self.policy = None
+            self._configure_error = str(err)
+            self.get_logger().error(f"configure failed: {err}")
+            return TransitionCallbackReturn.FAILURE
+        self._configure_error = None
+        self._min_side = self.policy.patch_size
+        with self._lock:
+            instruction = self._instruction
+        if instruction:
+            self._set_instruction(instruction)  # checked against this model's context
+        p, defaults = self.params, PolicyParams()
+        overridden = [k for k in THRESHOLD_KEYS if getattr(self._declared, k) != getattr(defaults, k)]
+        if p.calibration_in_effect and overridden:
+            self.get_logger().warning(
+                f"{', '.join(overridden)} set as parameters are overridden by the calibration file "
+                f"{p.calibration_in_effect} (calibration_file: none to use them)"
+            )
         self.get_logger().info(
             f"policy up: {self.model_path} on {self.device}, {p.control_rate_hz:g} Hz, "
-            f"precision {p.precision_mode}, kinematic source {p.kinematic_source}"
+            f"precision {p.precision_mode}, kinematic source {p.kinematic_source}, "
+            f"calibration {p.calibration_in_effect or 'none'}"
         )
+        return TransitionCallbackReturn.SUCCESS
 
-    # --- set-up -----------------------------------------------------------------------
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = True
+        self._start_timer()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Hold: no further steps, and the step in flight publishes no command."""
+        self._active = False
+        if self._timer is not None:
+            self.destroy_timer(self._timer)
+            self._timer = None
+        self._stepping_since = None
+        self._publish_zero_twist()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Release the model (after the step in flight)."""
+        self._wait_idle()
+        self.policy = self.controller = self.fk = None
+        self._min_side = 1
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = False
+        return TransitionCallbackReturn.SUCCESS
+
+    @property
+    def lifecycle_label(self) -> str:
+        if self._active:
+            return "active"
+        return "inactive" if self.policy is not None else "unconfigured"
+
+    # --- set-up -------------------------------------------------------------------------
     def _load_policy(self) -> VLAPolicy:
         p = self.params
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = auto if p.device == "auto" else p.device
+        self.model_path = p.model_path or str(embedded_policy_path())
         if self.device == "cpu":
             # NOTE: with every core running torch, OpenMP threads spin against the executor
             # threads; on the 2-core CI machine the tiny model's step p99 went from 114 ms
@@ -227,78 +363,186 @@ class PolicyNode(Node):
             self.get_logger().info(f"W4 weights {how} {loaded.quantized_cache}")
         return policy
 
-    def _clip_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        p, stats = self.params, self.policy.stats
-        if p.action_low:
-            if len(p.action_low) != ACTION_DIM:
-                raise ValueError(
-                    f"parameter 'action_low' must have {ACTION_DIM} values, got {len(p.action_low)}"
-                )
-            return np.asarray(p.action_low), np.asarray(p.action_high)
-        return np.where(stats.mask, stats.q01, -1.0), np.where(stats.mask, stats.q99, 1.0)
+    @staticmethod
+    def _controller(p: PolicyParams) -> PrecisionController:
+        return PrecisionController(
+            KinematicMonitor(p.percentile, p.history, p.w_macro, p.w_micro),
+            Dispatcher(p.theta_24, p.theta_48, p.theta_fp, p.lam, p.k, p.allowed_bits),
+            p.precision_mode,
+        )
 
-    # --- sensor callbacks -------------------------------------------------------------
-    def _store_frame(self, convert) -> None:
+    def _clip_bounds(self, p: PolicyParams) -> tuple[np.ndarray, np.ndarray]:
+        """``action_low`` / ``action_high``, each defaulting (empty) to the dataset's q01 / q99."""
+        stats = self.policy.stats
+        low, high = np.where(stats.mask, stats.q01, -1.0), np.where(stats.mask, stats.q99, 1.0)
+        for name, given in (("action_low", p.action_low), ("action_high", p.action_high)):
+            if given and len(given) != ACTION_DIM:
+                raise ValueError(f"parameter '{name}' must have {ACTION_DIM} values, got {len(given)}")
+        low = np.asarray(p.action_low) if p.action_low else low
+        high = np.asarray(p.action_high) if p.action_high else high
+        if np.any(low > high):
+            raise ValueError("parameter 'action_low' must be <= 'action_high' in every dimension")
+        return low, high
+
+    def _start_timer(self) -> None:
+        period = 1.0 / self.params.control_rate_hz
+        self._timer = self.create_timer(period, self._control_step, callback_group=self._control)
+
+    # --- runtime parameters ---------------------------------------------------------------
+    def _on_set_parameters(self, parameters: list) -> SetParametersResult:
+        """Validate a change with the start-up rules; applied between steps, or refused with
+        the reason (a parameter read at configure needs a restart)."""
+        changes = {parameter.name: parameter.value for parameter in parameters}
         try:
-            rgb = convert()
-        except ImageError as err:
-            self.counters.rejected_images += 1
-            self.get_logger().warning(f"image dropped: {err}", throttle_duration_sec=5.0)
+            declared = self._declared.changed(changes, configured=self.policy is not None)
+            effective = declared.validate()
+            if self.policy is not None:
+                self._clip_bounds(effective)  # the bounds, against the model's dimensions
+        except ValueError as err:
+            self.get_logger().warning(f"parameter change refused: {err}")
+            return SetParametersResult(successful=False, reason=str(err))
+        self._declared = declared
+        with self._lock:
+            self._pending = effective
+        if self._timer is None:  # not stepping: nothing to wait for
+            self._apply_pending()
+        return SetParametersResult(successful=True)
+
+    def _apply_pending(self) -> None:
+        """Put accepted parameter changes into effect (on the executor thread, no step in flight)."""
+        with self._lock:
+            new, self._pending = self._pending, None
+        if new is None:
             return
+        old, self.params = self.params, new
+        changed = {name for name in vars(new) if getattr(new, name) != getattr(old, name)}
+        if self.controller is not None:
+            if changed & MONITOR_PARAMETERS:
+                self.controller.monitor = KinematicMonitor(
+                    new.percentile, new.history, new.w_macro, new.w_micro
+                )
+            if changed & DISPATCH_PARAMETERS:
+                self.controller.dispatcher = Dispatcher(
+                    new.theta_24, new.theta_48, new.theta_fp, new.lam, new.k, new.allowed_bits
+                )
+            self.controller.mode = new.precision_mode
+        if self.policy is not None:
+            self.policy.lowercase_instruction = new.lowercase_instruction
+            self.policy.preprocess.center_crop = new.center_crop
+            self.low, self.high = self._clip_bounds(new)
+        self.pose_delta.max_speed_mps = new.max_ee_speed_mps
+        if "control_rate_hz" in changed and self._timer is not None:
+            self.destroy_timer(self._timer)
+            self._start_timer()
+            self._stepping_since = None
+        if "instruction" in changed and new.instruction.strip():
+            self._set_instruction(new.instruction)
+        self.get_logger().info(f"parameters applied: {sorted(changed)}")
+
+    # --- operator services --------------------------------------------------------------
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        self._enabled = bool(request.data)
+        if not self._enabled:
+            self._publish_zero_twist()
+        response.success, response.message = (
+            True,
+            "commands enabled" if self._enabled else "commands disabled",
+        )
+        self.get_logger().info(response.message)
+        return response
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        self._new_episode("~/reset")
+        response.success, response.message = True, "new episode: monitor, dispatcher and pose state reset"
+        return response
+
+    def _new_episode(self, why: str) -> None:
+        with self._lock:
+            self._last_command = None
+            self._request = None
+        if self.controller is not None:
+            self.controller.reset()
+        self.pose_delta.reset()
+        self.counters.episode_resets += 1
+        self.get_logger().info(f"new episode ({why})")
+
+    # --- sensor callbacks ---------------------------------------------------------------
+    def _store_frame(self, rgb: np.ndarray) -> None:
         with self._lock:
             if self._frame is not None and not self._frame.consumed:
                 self.counters.dropped_frames += 1
             self._frame = _Latest(rgb, time.monotonic())
 
+    @_total("rejected_images", "image")
     def _on_image(self, msg: Image) -> None:
-        self._store_frame(lambda: image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data))
+        limit, side = self.params.max_image_pixels, self._min_side
+        self._store_frame(image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data, limit, side))
 
+    @_total("rejected_images", "image/compressed")
     def _on_compressed(self, msg: CompressedImage) -> None:
-        self._store_frame(lambda: compressed_to_rgb(msg.format, msg.data))
+        self._store_frame(
+            compressed_to_rgb(msg.format, msg.data, self.params.max_image_pixels, self._min_side)
+        )
 
+    @_total("rejected_joints", "joint_states")
     def _on_joints(self, msg: JointState) -> None:
         positions = np.asarray(msg.position, dtype=float)
+        if positions.size == 0:
+            raise ValueError("no joint positions")
         if len(msg.name) != len(positions) or not np.all(np.isfinite(positions)):
-            self.counters.rejected_joints += 1
-            self.get_logger().warning(
-                "joint_states dropped: non-finite or mismatched", throttle_duration_sec=5.0
-            )
-            return
+            raise ValueError("non-finite positions, or names and positions of different lengths")
         with self._lock:
             self._joints = _Latest((list(msg.name), positions.tolist()), time.monotonic())
 
+    @_total("rejected_poses", "ee_pose")
     def _on_pose(self, msg: PoseStamped) -> None:
         pos, q = msg.pose.position, msg.pose.orientation
         position = np.array([pos.x, pos.y, pos.z])
         quaternion = np.array([q.x, q.y, q.z, q.w])
         norm = np.linalg.norm(quaternion)
         if not (np.all(np.isfinite(position)) and np.isfinite(norm) and norm > 1e-6):
-            self.counters.rejected_poses += 1
-            self.get_logger().warning(
-                "ee_pose dropped: non-finite or zero quaternion", throttle_duration_sec=5.0
-            )
-            return
+            raise ValueError("non-finite position or zero quaternion")
         with self._lock:
             self._pose = _Latest((position, quaternion / norm), time.monotonic())
 
+    @_total("rejected_instructions", "instruction")
     def _on_instruction(self, msg: String) -> None:
-        text = msg.data.strip()
+        self._set_instruction(msg.data)
+
+    def _set_instruction(self, text: str) -> None:
+        """A new instruction starts a new episode; one the model cannot hold is refused
+        (and the old one dropped: the operator asked for something else)."""
+        text = text.strip()
         if not text:
             self.get_logger().warning("empty instruction ignored")
             return
+        refusal = self._instruction_refusal(text)
         with self._lock:
-            self._instruction = text
-            self._last_command = None
-            self._request = None
-        self.controller.reset()
-        self.pose_delta.reset()
-        self.get_logger().info(f"new instruction (new episode): {text!r}")
+            self._instruction, self._refused = ("", refusal) if refusal else (text, None)
+        if refusal:
+            self.counters.rejected_instructions += 1
+            self.get_logger().error(f"instruction refused: {refusal}")
+        else:
+            self.get_logger().info(f"new instruction: {text[:200]!r}")
+        self._new_episode("new instruction")
+
+    def _instruction_refusal(self, text: str) -> str | None:
+        """Why ``text`` cannot run, or None (also None before a model is loaded: checked at configure)."""
+        if self.policy is None:
+            return None
+        limit = self.params.max_instruction_tokens or self.policy.max_prompt_tokens
+        if len(text) > MAX_CHARS_PER_TOKEN * limit:
+            return f"{len(text)} characters, beyond any prompt of {limit} tokens (max_instruction_tokens)"
+        tokens = self.policy.prompt_length(text)
+        if tokens > limit:
+            return f"its prompt has {tokens} tokens, more than {limit} (max_instruction_tokens)"
+        return None
 
     # --- the control step -------------------------------------------------------------
     def _stale_reason(self, now: float) -> str | None:
         p = self.params
         if not self._instruction:
-            return "no instruction yet"
+            return "no valid instruction" if self._refused else "no instruction yet"
         if self._frame is None or now - self._frame.received > p.stale_image_timeout_s:
             return "image stale"
         robot_state = {"ee_pose": self._pose, "joint_states": self._joints}.get(
@@ -313,28 +557,37 @@ class PolicyNode(Node):
 
     def _hold(self, reason: str, now: float) -> None:
         self.counters.stale_steps += 1
+        self._stepping_since = None
         if self._stale_since is None:
             self._stale_since = now
             self.get_logger().warning(f"holding: {reason}; no command is published")
         self._stale_reason_text = reason
+        self._publish_zero_twist()
+
+    def _publish_zero_twist(self) -> None:
         if self.twist_pub is not None:
             stamp = self.get_clock().now().to_msg()
-            self.twist_pub.publish(messages.twist(stamp, self.params.command_frame_id, None, self.period_s))
+            period = 1.0 / self.params.control_rate_hz
+            self.twist_pub.publish(messages.twist(stamp, self.params.command_frame_id, None, period))
 
     def _step_motion(self) -> Motion | None:
-        """The motion executed since the previous step, from ``kinematic_source``."""
+        """The motion executed since the previous step, from ``kinematic_source``; None when
+        unknown or implausible (the monitor is then fed nothing: fail-safe 16 bits)."""
         source = self.params.kinematic_source
         with self._lock:
             command, pose, joints = self._last_command, self._pose, self._joints
         if source == "command":
             return None if command is None else (command[0:3], command[3:6])
-        if source == "ee_pose":
-            return None if pose is None else self.pose_delta.step(*pose.value)
         try:
-            return self.pose_delta.step(*self.fk.pose(*joints.value))
+            if source == "ee_pose":
+                return None if pose is None else self.pose_delta.step(*pose.value, pose.received)
+            return self.pose_delta.step(*self.fk.pose(*joints.value), joints.received)
+        except ImplausibleMotionError as err:
+            self.counters.rejected_motions += 1
+            self.get_logger().warning(f"motion rejected: {err}", throttle_duration_sec=5.0)
         except ValueError as err:
             self.get_logger().error(f"forward kinematics failed: {err}", throttle_duration_sec=5.0)
-            return None
+        return None
 
     def _run_monitor(self, msg: UInt64) -> None:
         """Monitor callback, on the monitor group's thread: feeds the monitor once per step."""
@@ -347,15 +600,14 @@ class PolicyNode(Node):
         request.done.set()
 
     def _control_step(self) -> None:
-        """Timer callback: check inputs, wake the monitor, hand the step to the worker.
-
-        Returns at once, so the executor thread is free to run the monitor (and the
-        sensor callbacks) while the worker runs the prefill.
-        """
+        """Timer callback: apply parameter changes, check inputs, wake the monitor, hand the
+        step to the worker. Returns at once, so the executor thread is free to run the
+        monitor (and the sensor callbacks) while the worker runs the prefill."""
         started = time.monotonic()
         if self._busy.is_set():
             self.stats.overruns += 1  # previous step still running: skip this tick
             return
+        self._apply_pending()
         with self._lock:
             reason = self._stale_reason(started)
             if reason is None:
@@ -366,8 +618,17 @@ class PolicyNode(Node):
             self._hold(reason, started)
             return
         self._stale_since = None
+        if self._stepping_since is None:
+            self._stepping_since = started
+        p = self.params
+        settings = _StepSettings(p, self.low, self.high, 1.0 / p.control_rate_hz, not p.dry_run)
         job = _StepJob(
-            frame.value, instruction, started, self.get_clock().now().to_msg(), _StepRequest(self._step)
+            frame.value,
+            instruction,
+            started,
+            self.get_clock().now().to_msg(),
+            _StepRequest(self._step),
+            settings,
         )
         with self._lock:
             self._request = job.request
@@ -378,16 +639,23 @@ class PolicyNode(Node):
     def _inference_loop(self) -> None:
         """Worker thread: prefill, wait for b*_t, decode, publish; one step at a time."""
         while (job := self._jobs.get()) is not None:
+            self._running_since = job.started
             try:
                 self._run_step(job)
             finally:
+                self._slowest_s = max(self._slowest_s, time.monotonic() - job.started)
+                self._running_since = None
                 self._busy.clear()
+
+    def _wait_idle(self) -> None:
+        while self._busy.is_set():
+            time.sleep(0.01)
 
     def _run_step(self, job: _StepJob) -> None:
         try:
             state = self.policy.prefill(job.image, job.instruction)
             prefill_done = time.monotonic()
-            fresh = job.request.done.wait(self.params.dispatch_timeout_ms / 1e3)
+            fresh = job.request.done.wait(job.settings.params.dispatch_timeout_ms / 1e3)
             decision = job.request.decision if fresh else None
             if decision is None:
                 self.counters.late_dispatches += 1
@@ -403,64 +671,89 @@ class PolicyNode(Node):
             return
         self._last_error = None
         done = time.monotonic()
+        s = job.settings
         raw = action.action
-        clipped = np.clip(raw, self.low, self.high)
+        clipped = np.clip(raw, s.low, s.high)
         step = self._step
         self._step += 1
         with self._lock:
             self._last_command = clipped
-        frame_id, stamp = self.params.command_frame_id, job.stamp
-        if not self.params.dry_run:
+        frame_id, stamp = s.params.command_frame_id, job.stamp
+        if s.publish_commands and self._enabled and self._active:
             self.command_pub.publish(
                 messages.end_effector_command(stamp, frame_id, step, clipped, raw, action.bits)
             )
             if self.twist_pub is not None:
-                self.twist_pub.publish(messages.twist(stamp, frame_id, clipped, self.period_s))
+                self.twist_pub.publish(messages.twist(stamp, frame_id, clipped, s.period_s))
         step_ms = (time.monotonic() - job.started) * 1e3
         timings = ((prefill_done - job.started) * 1e3, (done - decode_start) * 1e3, step_ms)
         self.precision_pub.publish(
             messages.precision_state(
-                stamp, frame_id, step, decision, action.bits, self.params.weight_bits, fresh, timings
+                stamp, frame_id, step, decision, action.bits, s.params.weight_bits, fresh, timings
             )
         )
         self.stats.record(action.bits, fresh, step_ms, job.started)
 
     def shutdown(self) -> None:
         """Stop the inference worker after the step in flight."""
+        self._active = False
         self._jobs.put(None)
         self._worker.join(timeout=30.0)
 
     # --- diagnostics ------------------------------------------------------------------
     def _backend(self) -> str:
+        if self.policy is None:
+            return "none: no model loaded"
         if not self.policy.quantized:
             return "torch, unquantized weights"
         return "triton" if self.device == "cuda" else "reference; cpu built-ins for large prefills"
 
-    def _publish_diagnostics(self) -> None:
-        now = time.monotonic()
-        level, message = "OK", "running"
-        if self._stale_since is not None:
-            stale_for = now - self._stale_since
-            level = "ERROR" if stale_for > STALE_ERROR_AFTER_S else "WARN"
-            message = f"holding for {stale_for:.1f} s: {self._stale_reason_text}"
-        # ERROR while inference fails, and for one report after any failure since the
-        # last one, so a short burst of failures is never missed at 1 Hz.
+    def _health(self, now: float) -> NodeHealth:
+        # An inference error is shown while inference fails, and for one report after any
+        # failure since the last one, so a short burst of failures is never missed at 1 Hz.
         new_errors = self.counters.inference_errors - self._errors_reported
         self._errors_reported = self.counters.inference_errors
-        if self._last_error is not None or new_errors:
-            level = "ERROR"
-            latest = f": {self._last_error}" if self._last_error else "; the latest step succeeded"
-            message = f"inference failed {new_errors} time(s) since the last report{latest}"
+        slowest, self._slowest_s = self._slowest_s, 0.0
+        running = self._running_since
+        p = self.params
+        return NodeHealth(
+            lifecycle=self.lifecycle_label,
+            configure_error=self._configure_error,
+            holding=self._stale_reason_text if self._stale_since is not None and self._active else None,
+            held_for_s=now - self._stale_since if self._stale_since is not None else 0.0,
+            refused_instruction=self._refused,
+            inference_error=self._last_error,
+            new_errors=new_errors,
+            running_for_s=None if running is None else now - running,
+            slowest_s=slowest,
+            step_timeout_s=p.step_timeout_s,
+            achieved_hz=achieved_rate(list(self.stats.step_times), now, self._stepping_since),
+            target_hz=p.control_rate_hz,
+            enabled=self._enabled,
+        )
+
+    def _publish_diagnostics(self) -> None:
+        level, message = assess(self._health(time.monotonic()))
         p50, p99 = self.stats.latency_percentiles()
         shares = self.stats.bit_shares()
-        c = self.counters
+        c, p = self.counters, self.params
         values = {
             "model": self.model_path,
             "device": self.device,
             "backend": self._backend(),
-            "precision_mode": self.params.precision_mode,
-            "weight_bits": self.params.weight_bits,
-            "active_bits": self.policy.active_bits(),
+            "lifecycle": self.lifecycle_label,
+            "enabled": self._enabled,
+            "precision_mode": p.precision_mode,
+            "weight_bits": p.weight_bits,
+            "calibration": p.calibration_in_effect or "none",
+            "theta_24": p.theta_24,
+            "theta_48": p.theta_48,
+            "theta_fp": p.theta_fp,
+            "lambda": p.lam,
+            "k": p.k,
+            "control_rate_hz": p.control_rate_hz,
+            "dry_run": p.dry_run,
+            "active_bits": self.policy.active_bits() if self.policy is not None else 16,
             **{f"share_{b}bit": f"{shares[b]:.3f}" for b in (2, 4, 8, 16)},
             "steps": self.stats.steps,
             "step_rate_hz": f"{self.stats.rate_hz():.2f}",
@@ -473,6 +766,9 @@ class PolicyNode(Node):
             "rejected_images": c.rejected_images,
             "rejected_joints": c.rejected_joints,
             "rejected_poses": c.rejected_poses,
+            "rejected_instructions": c.rejected_instructions,
+            "rejected_motions": c.rejected_motions,
+            "episode_resets": c.episode_resets,
             "inference_errors": c.inference_errors,
             "late_dispatches": c.late_dispatches,
             "overruns": self.stats.overruns,
@@ -499,9 +795,15 @@ def main(args: list[str] | None = None) -> None:
     with rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO):
         try:
             node = PolicyNode()
-        except (ValueError, CheckpointError) as err:
+        except ValueError as err:
             print(f"policy_node: {err}", file=sys.stderr)
             sys.exit(2)
+        if not node.params.managed:
+            if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                print(f"policy_node: {node._configure_error}", file=sys.stderr)
+                node.shutdown()
+                sys.exit(2)
+            node.trigger_activate()
         # NOTE: a single executor thread, because inference never runs in a callback (it
         # has its own worker thread), so this thread is free to run the monitor during
         # the prefill. rclpy's MultiThreadedExecutor busy-waits on callbacks submitted

@@ -16,8 +16,8 @@ from launch_ros.parameter_descriptions import ParameterValue
 
 from launch import LaunchDescription
 
-# launch argument -> node parameter (all string parameters; passed as str so that
-# precision_mode:=8 stays "8"); an empty argument leaves the params file's value.
+# launch argument -> node parameter; an empty argument leaves the params file's value.
+# String parameters are passed as str, so that precision_mode:=8 stays "8".
 PARAMETER_ARGUMENTS = {
     "model_path": "model_path",
     "instruction": "instruction",
@@ -26,7 +26,10 @@ PARAMETER_ARGUMENTS = {
     "unnorm_key": "unnorm_key",
     "kinematic_source": "kinematic_source",
     "calibration_file": "calibration_file",
+    "managed": "managed",
 }
+# The parameters above that are not strings: managed:=true waits for a lifecycle manager.
+PARAMETER_TYPES = {"managed": bool}
 # launch argument -> topic the node subscribes to (remapped).
 TOPIC_ARGUMENTS = {
     "image_topic": "image",
@@ -41,7 +44,7 @@ def _node(context):
     for argument, parameter in PARAMETER_ARGUMENTS.items():
         value = LaunchConfiguration(argument).perform(context)
         if value:
-            overrides[parameter] = ParameterValue(value, value_type=str)
+            overrides[parameter] = ParameterValue(value, value_type=PARAMETER_TYPES.get(parameter, str))
     remappings = [
         (topic, LaunchConfiguration(arg).perform(context)) for arg, topic in TOPIC_ARGUMENTS.items()
     ]

@@ -19,6 +19,8 @@ import yaml
 from diagnostic_msgs.msg import DiagnosticArray
 from dyqvla_msgs.msg import EndEffectorCommand, PrecisionState
 from geometry_msgs.msg import PoseStamped, TwistStamped
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
@@ -142,6 +144,27 @@ class Driver:
         o = msg.pose.orientation
         o.x, o.y, o.z, o.w = (float(v) for v in quat_xyzw)
         self.pose_pub.publish(msg)
+
+    def call(self, service_type, name: str, request, timeout: float = 60.0):
+        """Call the policy node's service ``name`` (e.g. "policy_node/enable"), wait for the reply."""
+        client = self.node.create_client(service_type, name)
+        try:
+            assert client.wait_for_service(timeout_sec=timeout), f"no service {name}"
+            future = client.call_async(request)
+            rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout)
+            assert future.done(), f"{name} did not answer"
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+    def set_parameters(self, timeout: float = 60.0, **values) -> list:
+        """set_parameters on the policy node; the SetParametersResult of each, in order."""
+        client = AsyncParameterClient(self.node, "policy_node")
+        assert client.wait_for_services(timeout_sec=timeout), "no parameter services"
+        future = client.set_parameters([Parameter(k, value=v) for k, v in values.items()])
+        rclpy.spin_until_future_complete(self.node, future, timeout_sec=timeout)
+        assert future.done(), "set_parameters did not answer"
+        return list(future.result().results)
 
     def last_status(self):
         assert self.diagnostics, "no diagnostics received"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,16 @@ def test_eval_sim_defaults_to_the_embedded_policy(renderer, tmp_path):
     eval_sim.main(["--precision", "16", "--episodes", "1", "--max-steps", "1", "--action-decoding", "argmax",
                    "--out", str(out)])  # fmt: skip
     assert json.loads(out.read_text())["action_decoding"] == "argmax"
+
+
+def test_eval_sim_runs_the_embedded_policy_with_its_shipped_calibration(tmp_path):
+    """As the node: the embedded policy's own calibration by default, none for another
+    checkpoint, 'none' for the default thresholds, a given file wins."""
+    from argparse import Namespace
+
+    from dyqvla_ros.model.embedded import embedded_calibration_path
+
+    assert eval_sim.calibration_file(Namespace(model=None, calibration=None)) == embedded_calibration_path()
+    assert eval_sim.calibration_file(Namespace(model=tmp_path, calibration=None)) is None
+    assert eval_sim.calibration_file(Namespace(model=None, calibration="none")) is None
+    assert eval_sim.calibration_file(Namespace(model=None, calibration="c.yaml")) == Path("c.yaml")

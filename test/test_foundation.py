@@ -11,6 +11,7 @@ from importlib.metadata import distribution
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,21 +92,33 @@ def test_precision_state_crosses_processes_over_dds():
     assert steps == sorted(steps)
 
 
-# Top-level imports of the package -> the package.xml dependency that provides them.
-ROS_KEYS = {
+# Top-level imports of the package -> the package.xml key that provides them; None: no rosdep
+# key exists, requirements.txt provides it (the pip name). Unlisted: f"python3-{name}".
+IMPORT_KEYS: dict[str, str | None] = {
     "rclpy": "rclpy",
     "rcl_interfaces": "rclpy",
     "std_msgs": "std_msgs",
+    "std_srvs": "std_srvs",
     "sensor_msgs": "sensor_msgs",
     "geometry_msgs": "geometry_msgs",
     "diagnostic_msgs": "diagnostic_msgs",
+    "lifecycle_msgs": "lifecycle_msgs",
     "dyqvla_msgs": "dyqvla_msgs",
     "ament_index_python": "ament_index_python",
     "launch": "ros2launch",
     "launch_ros": "launch_ros",
     "builtin_interfaces": "builtin_interfaces",
-    "PIL": "python3-pil",
     "pinocchio": "pinocchio",
+    "PIL": "python3-pil",
+    "transformers": "python3-transformers-pip",
+    "timm": "python3-timm-pip",
+    "rosbags": "python3-rosbags-pip",
+    "mujoco": "python3-mujoco-pip",
+    "torch": None,
+    "torchvision": None,
+    "triton": None,
+    "tokenizers": None,
+    "safetensors": None,
 }
 
 
@@ -130,11 +143,38 @@ def test_package_xml_parses_and_names_every_imported_dependency():
     declared = {d.name for d in package.exec_depends}
     imported = _imported_top_level_modules()
     assert imported, "found no imports at all"
-    missing = {m for m in imported if ROS_KEYS.get(m, f"python3-{m}") not in declared}
+    keyed = {m: IMPORT_KEYS.get(m, f"python3-{m}") for m in imported}
+    missing = {m for m, key in keyed.items() if key is not None and key not in declared}
     assert not missing, f"imported but not in package.xml: {sorted(missing)}"
+    requirements = (REPO / "requirements.txt").read_text()
+    pip_only = {m for m, key in keyed.items() if key is None}
+    assert pip_only and all(f"\n{m}==" in requirements for m in pip_only), pip_only
 
     msgs = parse_package(str(REPO / "msg" / "package.xml"))
     assert msgs.name == "dyqvla_msgs" and msgs.get_build_type() == "ament_cmake"
+
+
+def test_every_package_xml_key_resolves():
+    """`rosdep install --from-paths src --ignore-src` stops at a key rosdep does not know:
+    every key must be one the fixture says exists (and where that was read)."""
+    from catkin_pkg.package import parse_package
+
+    known = yaml.safe_load((REPO / "test" / "fixtures" / "rosdep_keys.yaml").read_text())
+    resolvable = {key for group in known.values() for key in group}
+    for path in (REPO / "package.xml", REPO / "msg" / "package.xml"):
+        package = parse_package(str(path))
+        keys = {
+            d.name
+            for kind in (
+                "build_depends",
+                "buildtool_depends",
+                "exec_depends",
+                "test_depends",
+                "build_export_depends",
+            )
+            for d in getattr(package, kind)
+        }
+        assert keys and not keys - resolvable, f"{path.name}: not rosdep keys: {sorted(keys - resolvable)}"
 
 
 def test_console_scripts_resolve():

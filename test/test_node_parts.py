@@ -8,6 +8,8 @@ import importlib.util
 import io
 import math
 import re
+import struct
+import zlib
 from dataclasses import fields
 from pathlib import Path
 
@@ -20,9 +22,10 @@ from PIL import Image as PILImage
 from dyqvla_ros import messages
 from dyqvla_ros.calibration import load_calibration
 from dyqvla_ros.dispatcher import Dispatcher
+from dyqvla_ros.health import NodeHealth, achieved_rate, assess
 from dyqvla_ros.image_conversion import ImageError, compressed_to_rgb, image_to_rgb
 from dyqvla_ros.kinematics import KinematicMonitor
-from dyqvla_ros.motion import ForwardKinematics, PoseDelta
+from dyqvla_ros.motion import ForwardKinematics, ImplausibleMotionError, PoseDelta
 from dyqvla_ros.params import PolicyParams
 from dyqvla_ros.precision import PrecisionController
 from dyqvla_ros.step_stats import StepStats
@@ -174,7 +177,7 @@ def test_calibration_file_overrides_thresholds(tmp_path):
         ({"action_decoding": "sample"}, "'action_decoding' must be empty or one of"),
         ({"group_size": 48}, "'group_size' must be 32, 64 or 128"),
         ({"stale_image_timeout_s": 0.0}, "'stale_image_timeout_s' must be > 0"),
-        ({"action_low": [0.0], "action_high": []}, "same length"),
+        ({"action_low": [0.0], "action_high": [0.0, 1.0]}, "same length"),
         ({"action_low": [1.0], "action_high": [0.0]}, "'action_low' must be <="),
         ({"w_macro": 5}, "w_macro must be an integer > w_micro"),
         ({"lam": 2.0}, "lambda must be in"),
@@ -231,7 +234,7 @@ def test_launch_file_matches_the_node_and_the_readme():
     parameters = _literal_dict(tree, "PARAMETER_ARGUMENTS")
     topics = _literal_dict(tree, "TOPIC_ARGUMENTS")
     documented = readme_launch_arguments()
-    assert len(documented) == 12, documented  # params_file, 7 parameters, 4 topic remaps
+    assert len(documented) == 13, documented  # params_file, 8 parameters, 4 topic remaps
     assert {"params_file", *parameters, *topics} == documented
     names = {PolicyParams.ros_name(f) for f in fields(PolicyParams)}
     assert all(argument == parameter and parameter in names for argument, parameter in parameters.items())
@@ -265,3 +268,99 @@ def test_launch_file_runs_with_ros2_launch():
         str(REPO / "launch" / "policy.launch.py")
     ).get_launch_description(launch.LaunchContext())
     assert {a.name for a in description.get_launch_arguments()} == readme_launch_arguments()
+
+
+# --- [S] the pieces that keep the node trustworthy ------------------------------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that only declares its size (signature, IHDR, empty IDAT, IEND): ~70 bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    "width, height, message",
+    [
+        (20000, 20000, "DecompressionBombError"),  # Pillow refuses it at open: an ImageError now
+        (9000, 9000, "more than max_image_pixels 16000000"),  # under Pillow's limit: ours, from the header
+        (1, 1, "smaller than the model's 16-pixel patch"),
+    ],
+)
+def test_compressed_frames_are_bounded_before_decoding(width, height, message):
+    with pytest.raises(ImageError, match=message):
+        compressed_to_rgb("png", png_header(width, height), 16_000_000, min_side=16)
+
+
+def test_raw_frames_are_bounded_by_their_declared_size():
+    with pytest.raises(ImageError, match="more than max_image_pixels 100"):
+        image_to_rgb("rgb8", 20, 20, 60, bytes(1200), max_pixels=100)
+    with pytest.raises(ImageError, match="smaller than the model's 14-pixel patch"):
+        image_to_rgb("rgb8", 10, 640, 1920, bytes(19200), min_side=14)
+    with pytest.raises(ImageError, match="larger than max_image_pixels allows"):
+        compressed_to_rgb("jpeg", bytes(70000), max_pixels=100)
+
+
+def test_a_pose_jump_faster_than_the_arm_is_not_motion():
+    deltas = PoseDelta(max_speed_mps=2.0)
+    still = np.array([0.0, 0.0, 0.0, 1.0])
+    assert deltas.step(np.zeros(3), still, t=0.0) is None
+    xyz, _ = deltas.step(np.array([0.3, 0.0, 0.0]), still, t=0.2)  # 1.5 m/s: plausible
+    assert np.allclose(xyz, [0.3, 0.0, 0.0])
+    with pytest.raises(ImplausibleMotionError, match=r"moved 1e\+04 m in 0.2 s"):
+        deltas.step(np.array([10000.3, 0.0, 0.0]), still, t=0.4)
+    assert deltas.step(np.array([0.3, 0.0, 0.0]), still, t=0.6) is None  # restarted: no delta yet
+    assert deltas.step(np.array([0.31, 0.0, 0.0]), still, t=0.8) is not None
+
+
+def test_runtime_changes_are_validated_like_start_up():
+    declared = PolicyParams(calibration_file="none")
+    changed = declared.changed(
+        {"precision_mode": "8", "lambda": 0.7, "control_rate_hz": 2.0}, configured=True
+    )
+    assert (changed.precision_mode, changed.lam, changed.control_rate_hz) == ("8", 0.7, 2.0)
+    with pytest.raises(ValueError, match="'precision_mode' must be one of"):
+        declared.changed({"precision_mode": "banana"}, configured=True).validate()
+    with pytest.raises(ValueError, match="theta_fp must be >= theta_48"):
+        declared.changed({"theta_fp": 0.1}, configured=True).validate()
+    with pytest.raises(ValueError, match="'model_path' applies when the model is loaded: restart"):
+        declared.changed({"model_path": "/models/openvla-7b"}, configured=True)
+    assert declared.changed({"model_path": "/x"}, configured=False).model_path == "/x"  # unconfigured
+    with pytest.raises(ValueError, match="unknown parameter 'speed'"):
+        declared.changed({"speed": 1.0}, configured=True)
+    embedded = PolicyParams()  # no model_path, no calibration_file: the shipped calibration
+    assert embedded.calibration_in_effect.endswith("policies/tabletop/calibration.yaml")
+    with pytest.raises(ValueError, match=r"\['theta_24'\] are set by the calibration file .*'none' first"):
+        embedded.changed({"theta_24": 0.1}, configured=True)
+    assert PolicyParams(model_path="/m").calibration_in_effect == ""
+
+
+def test_health_names_every_condition_errors_first():
+    assert assess(NodeHealth()) == ("OK", "running")
+    level, message = assess(
+        NodeHealth(slowest_s=3.5, step_timeout_s=2.0, achieved_hz=4.1, target_hz=5.0, enabled=False)
+    )
+    assert level == "ERROR"
+    assert message == (
+        "a step took 3.50 s (step_timeout_s 2); control rate 4.10 Hz over the last 10 s, below 90% of "
+        "5 Hz; disabled by ~/enable: precision computed, no commands"
+    )
+    assert assess(NodeHealth(achieved_hz=4.6, target_hz=5.0)) == ("OK", "running")  # 92 %
+    assert assess(NodeHealth(running_for_s=2.5))[1] == "step running for 2.5 s (step_timeout_s 2)"
+    assert assess(NodeHealth(refused_instruction="its prompt has 30 tokens"))[0] == "ERROR"
+    assert assess(NodeHealth(lifecycle="inactive")) == ("WARN", "inactive: no commands (lifecycle)")
+    assert assess(NodeHealth(holding="image stale", held_for_s=3.5))[0] == "ERROR"
+    assert assess(NodeHealth(holding="image stale", held_for_s=0.5))[0] == "WARN"
+
+
+def test_achieved_rate_needs_a_whole_window_of_stepping():
+    starts = [100.0 + 0.25 * i for i in range(41)]  # 4 Hz for 10 s
+    assert achieved_rate(starts, now=110.0, stepping_since=99.0) == pytest.approx(4.0)
+    assert achieved_rate(starts, now=110.0, stepping_since=105.0) is None  # resumed 5 s ago
+    assert achieved_rate(starts, now=110.0, stepping_since=None) is None  # holding

@@ -24,3 +24,9 @@ def embedded_policy_path() -> Path:
             "reinstall dyqvla_ros or set model_path to an OpenVLA checkpoint directory"
         )
     return EMBEDDED_POLICY_DIR
+
+
+def embedded_calibration_path() -> Path:
+    """The dynamic-precision calibration shipped with the embedded policy (the thresholds
+    BENCHMARKS.md's dynamic result used; re-created by ``make embedded-calibration``)."""
+    return EMBEDDED_POLICY_DIR / "calibration.yaml"

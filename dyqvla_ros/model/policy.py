@@ -179,6 +179,23 @@ class VLAPolicy:
     def action_dim(self) -> int:
         return self.stats.dim
 
+    @property
+    def patch_size(self) -> int:
+        """The vision backbones' patch, in pixels: a smaller frame holds no patch at all."""
+        return max(max(f.patch_embed.patch_size) for f in self.model.vision_backbone.featurizers)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt (tokens, BOS and template included) that fits the language
+        model's context beside the image's patch tokens and the action tokens."""
+        context = self.model.language_model.config.max_position_embeddings
+        patches = self.model.vision_backbone.featurizer.patch_embed.num_patches
+        return context - patches - self.action_dim
+
+    def prompt_length(self, instruction: str) -> int:
+        """Tokens of the prompt ``prefill`` builds for ``instruction``."""
+        return prompt_ids(self.tokenizer, instruction_text(instruction, self.lowercase_instruction)).shape[1]
+
     def _precision(self, bits: int):
         """Context for running the model at ``bits``; unquantized models only run 16."""
         if self.quantized:

@@ -37,7 +37,7 @@ from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.kinematics import KinematicMonitor
 from dyqvla_ros.model import CheckpointError, VLAPolicy
 from dyqvla_ros.model.config import ACTION_DECODINGS
-from dyqvla_ros.model.embedded import embedded_policy_path
+from dyqvla_ros.model.embedded import embedded_calibration_path, embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
 from dyqvla_ros.precision import PRECISION_MODES, PrecisionController
 from dyqvla_ros.quant import weight_bytes
@@ -65,6 +65,16 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def calibration_file(args: argparse.Namespace) -> Path | None:
+    """``--calibration``; by default the embedded policy's own when it is the policy evaluated
+    (as the node does), none for another ``--model``; "none": the default thresholds."""
+    if args.calibration == "none":
+        return None
+    if args.calibration:
+        return Path(args.calibration)
+    return None if args.model else embedded_calibration_path()
+
+
 def build_loop(args: argparse.Namespace, mode: str) -> ClosedLoop:
     """Environment + the node's policy and precision stack for one mode."""
     loaded = load_quantized_openvla(args.model or embedded_policy_path())
@@ -74,7 +84,8 @@ def build_loop(args: argparse.Namespace, mode: str) -> ClosedLoop:
         restrict_to_actions=args.restrict_to_actions,
         action_decoding=args.action_decoding,
     )
-    overrides = thresholds(load_calibration(args.calibration)) if args.calibration else {}
+    calibration = calibration_file(args)
+    overrides = thresholds(load_calibration(calibration)) if calibration else {}
     controller = PrecisionController(KinematicMonitor(), Dispatcher(**overrides), mode)
     env = TabletopEnv(render_size=args.size, max_steps=args.max_steps)
     return ClosedLoop(env, policy, controller, args.kinematic_source)
@@ -123,7 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", nargs="+", default=list(PRECISION_MODES), choices=PRECISION_MODES)
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED, help="first episode seed")
-    parser.add_argument("--calibration", type=Path, help="calibration.yaml from dyqvla-profile (dynamic)")
+    parser.add_argument(
+        "--calibration",
+        help="calibration.yaml from dyqvla-profile (dynamic); default: the embedded policy's own "
+        "when --model is not given; 'none': the default thresholds",
+    )
     add_loop_arguments(parser)
     parser.add_argument("--workers", type=int, default=1, help="parallel processes")
     parser.add_argument(
@@ -154,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                 row["paired"] = paired_comparison(episodes["16"], episodes[row["mode"]])
     report = {
         "model": str(args.model or embedded_policy_path()),
-        "calibration": str(args.calibration) if args.calibration else None,
+        "calibration": str(calibration_file(args) or "none"),
         "kinematic_source": args.kinematic_source,
         "action_decoding": decoding,
         "seeds": [args.seed, args.seed + args.episodes - 1],
