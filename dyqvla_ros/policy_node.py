@@ -220,9 +220,9 @@ class PolicyNode(LifecycleNode):
         self._dropped_logged: dict[str, float] = {}  # input -> when its last drop was logged
         self._timer = None
 
-        self._sensors, self._control = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
+        sensors, self._control = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
         monitor, diagnostics = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
-        p, sensors = self.params, self._sensors
+        p = self.params
         if p.compressed:
             self.create_subscription(
                 CompressedImage, "image/compressed", self._on_compressed, NEWEST_ONLY, callback_group=sensors
@@ -305,7 +305,7 @@ class PolicyNode(LifecycleNode):
         if self._timer is not None:
             self.destroy_timer(self._timer)
             self._timer = None
-        self._stepping_since = None
+        self._stepping_since = self._stale_since = None
         self._publish_zero_twist()
         return TransitionCallbackReturn.SUCCESS
 

@@ -69,3 +69,22 @@ def renderer() -> None:
             f"no offscreen OpenGL for MuJoCo with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({err}); "
             "install libegl1 libegl-mesa0 libgl1-mesa-dri"
         )
+
+
+@pytest.fixture(scope="module")
+def ros():
+    """rclpy initialised for a module's DDS tests."""
+    import rclpy
+
+    with rclpy.init():
+        yield
+
+
+@pytest.fixture
+def driver(ros, ros_namespace):
+    """A test-side node in this test's namespace (node_harness.Driver)."""
+    from node_harness import Driver
+
+    d = Driver(ros_namespace)
+    yield d
+    d.node.destroy_node()

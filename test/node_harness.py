@@ -7,6 +7,7 @@ conditions (discovery, message counts) with generous deadlines, never on duratio
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import rclpy
 import yaml
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from dyqvla_msgs.msg import EndEffectorCommand, PrecisionState
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rclpy.parameter import Parameter
@@ -26,6 +27,9 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
 NODE = Path(sys.executable).parent / "policy_node"
+INSTRUCTION = "put the red cube on the blue target"
+# What a test waits for at most before failing: only stops a hung test.
+DEADLINE_S = 90.0
 LATCHED = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )
@@ -173,6 +177,34 @@ class Driver:
     def reported(self, check: Callable[[object, dict[str, str]], bool]) -> Callable[[], bool]:
         """A ``run_until`` condition: the newest /diagnostics status satisfies ``check``."""
         return lambda: bool(self.diagnostics) and check(*self.last_status())
+
+    def reports(self, level: int, text: str = "", **values: str) -> Callable[[], bool]:
+        """A ``run_until`` condition: the newest /diagnostics has ``level``, ``text`` in its
+        message and these key-values."""
+        return self.reported(
+            lambda s, v: (
+                s.level == level and text in s.message and all(v.get(k) == x for k, x in values.items())
+            )
+        )
+
+    def feed_images_and_joints(self) -> Callable[[float], None]:
+        """A feed: a changing camera frame and 7 joint positions."""
+
+        def feed(t: float) -> None:
+            self.image_pub.publish(rgb_image(int(60 + 40 * math.sin(t))))
+            self.publish_joints([0.1 * math.sin(t + i) for i in range(7)])
+
+        return feed
+
+    def run_until_recovered(self, feed: Callable[[float], None], commands: int = 3) -> None:
+        """Feed until ``commands`` more commands arrived and /diagnostics says OK again."""
+        count = len(self.commands)
+        self.run_until(
+            lambda: len(self.commands) >= count + commands and self.reports(DiagnosticStatus.OK)(),
+            feed,
+            DEADLINE_S,
+            "recovery",
+        )
 
 
 def status_of(array: DiagnosticArray):

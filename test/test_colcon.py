@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import rclpy
-from node_harness import Driver, rgb_image, stop
+from node_harness import INSTRUCTION, Driver, rgb_image, stop
 
 REPO = Path(__file__).resolve().parents[1]
 COLCON = Path(sys.executable).parent / "colcon"
-INSTRUCTION = "put the red cube on the blue target"
 
 
 def test_colcon_build_and_run_installed_node(tmp_path, ros_namespace):

@@ -169,6 +169,15 @@ def expected_action(stats: dict, normalized: np.ndarray) -> np.ndarray:
     return np.where(stats["mask"], 0.5 * (normalized + 1.0) * (q99 - q01) + q01, normalized)
 
 
+def every_load(path: Path, cache: Path) -> list[LoadedOpenVLA]:
+    """The three ways a checkpoint is read: full precision, quantized, and from the cache."""
+    return [
+        load_openvla(path),
+        load_quantized_openvla(path, cache_dir=cache),
+        load_quantized_openvla(path, cache_dir=cache),  # from the cache
+    ]
+
+
 def test_statistics_from_config_json_without_dataset_statistics(tiny_openvla, tmp_path):
     """Checkpoints saved without dataset_statistics.json carry norm_stats in config.json."""
     path = tmp_path / "openvla-tiny"
@@ -176,11 +185,7 @@ def test_statistics_from_config_json_without_dataset_statistics(tiny_openvla, tm
     (path / "dataset_statistics.json").unlink()
     rewrite_config(path, norm_stats=CONFIG_STATS)
     ours = CONFIG_STATS[TINY_UNNORM_KEY]["action"]
-    for loaded in (
-        load_openvla(path),
-        load_quantized_openvla(path, cache_dir=tmp_path / "cache"),
-        load_quantized_openvla(path, cache_dir=tmp_path / "cache"),  # from the cache
-    ):
+    for loaded in every_load(path, tmp_path / "cache"):
         policy = VLAPolicy(loaded)
         assert np.array_equal(policy.stats.q01, ours["q01"]) and np.array_equal(policy.stats.q99, ours["q99"])
         action = policy.predict(image(2), INSTRUCTION)
@@ -195,11 +200,7 @@ def test_dataset_statistics_json_wins_over_config_json(tiny_openvla, tmp_path):
     shutil.copytree(tiny_openvla, path)
     rewrite_config(path, norm_stats=CONFIG_STATS)
     theirs = CONFIG_STATS[TINY_UNNORM_KEY]["action"]
-    for loaded in (
-        load_openvla(path),
-        load_quantized_openvla(path, cache_dir=tmp_path / "cache"),
-        load_quantized_openvla(path, cache_dir=tmp_path / "cache"),  # from the cache
-    ):
+    for loaded in every_load(path, tmp_path / "cache"):
         policy = VLAPolicy(loaded)
         assert np.array_equal(policy.stats.q01, TINY_ACTION_STATS["q01"])
         assert np.array_equal(policy.stats.q99, TINY_ACTION_STATS["q99"])

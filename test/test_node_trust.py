@@ -6,54 +6,22 @@ each waits on what the node publishes and reports."""
 from __future__ import annotations
 
 import io
-import math
 import struct
 import zlib
 
 import numpy as np
 import pytest
-import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
-from node_harness import Driver, rgb_image, start_node, stop
+from node_harness import DEADLINE_S, INSTRUCTION, rgb_image, start_node, stop
 from PIL import Image as PILImage
-from sensor_msgs.msg import CompressedImage, JointState
+from sensor_msgs.msg import CompressedImage
 from std_srvs.srv import SetBool, Trigger
 
 from dyqvla_ros.bags.store import stamp_seconds
 
-INSTRUCTION = "put the red cube on the blue target"
-DEADLINE_S = 90.0
 OK, WARN, ERROR = DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR
-
-
-@pytest.fixture(scope="module")
-def ros():
-    with rclpy.init():
-        yield
-
-
-@pytest.fixture
-def driver(ros, ros_namespace):
-    d = Driver(ros_namespace)
-    yield d
-    d.node.destroy_node()
-
-
-def feed_images_and_joints(driver: Driver):
-    def feed(t: float) -> None:
-        driver.image_pub.publish(rgb_image(int(60 + 40 * math.sin(t))))
-        driver.publish_joints([0.1 * math.sin(t + i) for i in range(7)])
-
-    return feed
-
-
-def reported(driver: Driver, level: int, text: str = "", **values: str):
-    """A condition: the newest /diagnostics has ``level``, ``text`` in its message, ``values``."""
-    return driver.reported(
-        lambda s, v: s.level == level and text in s.message and all(v.get(k) == x for k, x in values.items())
-    )
 
 
 def png(rgb: np.ndarray) -> bytes:
@@ -115,43 +83,17 @@ def test_hostile_frames_never_reach_the_model(tmp_path, driver, ros_namespace):
     assert "image/compressed dropped: ImageError: cannot decode png image: DecompressionBombError" in out
 
 
-def test_empty_joint_states_and_one_pixel_raw_frames_are_refused_at_input(tmp_path, driver, ros_namespace):
-    proc = start_node(tmp_path, ros_namespace)
-    good = feed_images_and_joints(driver)
-
-    def bad(t: float) -> None:
-        good(t)
-        driver.joint_pub.publish(JointState())
-        driver.image_pub.publish(rgb_image(height=1, width=1))
-
-    try:
-        driver.wait_for_node(proc)
-        driver.instruct(INSTRUCTION)
-        driver.run_until(lambda: driver.commands, good, DEADLINE_S, "the first command")
-        driver.run_until(
-            driver.reported(lambda s, v: int(v["rejected_joints"]) >= 3 and int(v["rejected_images"]) >= 3),
-            bad,
-            DEADLINE_S,
-            "rejections",
-        )
-    finally:
-        out = stop(proc)
-    _, values = driver.last_status()
-    assert values["inference_errors"] == "0"
-    assert "no joint positions" in out
-
-
 def test_an_instruction_the_model_cannot_hold_is_refused(tmp_path, driver, ros_namespace):
     """100,000 characters (25,000 tokens for a 2,048-token model): refused at once with an
     ERROR, nothing commanded for it; a valid instruction afterwards runs again."""
     proc = start_node(tmp_path, ros_namespace)
-    feed = feed_images_and_joints(driver)
+    feed = driver.feed_images_and_joints()
     try:
         driver.wait_for_node(proc)
         driver.instruct(INSTRUCTION)
         driver.run_until(lambda: driver.commands, feed, DEADLINE_S, "the first command")
         driver.instruct("put the red cube " * 6000)
-        driver.run_until(reported(driver, ERROR, "instruction refused"), feed, DEADLINE_S, "the refusal")
+        driver.run_until(driver.reports(ERROR, "instruction refused"), feed, DEADLINE_S, "the refusal")
         refused_at, commanded = stamp_seconds(driver.diagnostics[-1].header), len(driver.commands)
         driver.run_until(
             lambda: (
@@ -164,7 +106,7 @@ def test_an_instruction_the_model_cannot_hold_is_refused(tmp_path, driver, ros_n
         held = [m for _, m in driver.commands if stamp_seconds(m.header) > refused_at]
         driver.instruct(INSTRUCTION)
         driver.run_until(lambda: len(driver.commands) >= commanded + 3, feed, DEADLINE_S, "commands again")
-        driver.run_until(reported(driver, OK), feed, DEADLINE_S, "OK")
+        driver.run_until(driver.reports(OK), feed, DEADLINE_S, "OK")
     finally:
         out = stop(proc)
     assert held == []
@@ -177,7 +119,7 @@ def test_parameters_change_while_running_or_are_refused(tmp_path, driver, ros_na
     """set_parameters on the running node: valid changes take effect (and /diagnostics says
     so), invalid ones and those that need a restart are refused with the reason."""
     proc = start_node(tmp_path, ros_namespace, calibration_file="none", dispatch_timeout_ms=5000.0)
-    feed = feed_images_and_joints(driver)
+    feed = driver.feed_images_and_joints()
     try:
         driver.wait_for_node(proc)
         driver.instruct(INSTRUCTION)
@@ -207,7 +149,7 @@ def test_parameters_change_while_running_or_are_refused(tmp_path, driver, ros_na
         )
         assert all(r.successful for r in results), [r.reason for r in results]
         driver.run_until(
-            reported(driver, OK, control_rate_hz="2.0", theta_fp="0.6", precision_mode="8"),
+            driver.reports(OK, control_rate_hz="2.0", theta_fp="0.6", precision_mode="8"),
             feed,
             DEADLINE_S,
             "diagnostics with the new values",
@@ -219,7 +161,7 @@ def test_parameters_change_while_running_or_are_refused(tmp_path, driver, ros_na
             assert command.gripper == pytest.approx(np.clip(command.raw_action[6], 0.3, 0.6))  # float32 field
         (result,) = driver.set_parameters(dry_run=True)
         assert result.successful
-        driver.run_until(reported(driver, OK, dry_run="True"), feed, DEADLINE_S, "dry run")
+        driver.run_until(driver.reports(OK, dry_run="True"), feed, DEADLINE_S, "dry run")
         steps, count = len(driver.precision), len(driver.commands)
         driver.run_until(lambda: len(driver.precision) >= steps + 3, feed, DEADLINE_S, "steps in dry run")
     finally:
@@ -292,20 +234,20 @@ def test_a_pose_glitch_never_lowers_precision(tmp_path, driver, ros_namespace):
 
 def test_enable_and_reset_services(tmp_path, driver, ros_namespace):
     proc = start_node(tmp_path, ros_namespace, dispatch_timeout_ms=5000.0)
-    feed = feed_images_and_joints(driver)
+    feed = driver.feed_images_and_joints()
     try:
         driver.wait_for_node(proc)
         driver.instruct(INSTRUCTION)
         driver.run_until(lambda: len(driver.commands) >= 2, feed, DEADLINE_S, "commands")
         reply = driver.call(SetBool, "policy_node/enable", SetBool.Request(data=False))
         assert reply.success and reply.message == "commands disabled"
-        driver.run_until(reported(driver, WARN, "disabled by ~/enable", enabled="False"), feed, DEADLINE_S)
+        driver.run_until(driver.reports(WARN, "disabled by ~/enable", enabled="False"), feed, DEADLINE_S)
         steps, count = len(driver.precision), len(driver.commands)
         driver.run_until(lambda: len(driver.precision) >= steps + 3, feed, DEADLINE_S, "steps while disabled")
         disabled_commands = len(driver.commands) - count
         assert driver.call(SetBool, "policy_node/enable", SetBool.Request(data=True)).success
         driver.run_until(lambda: len(driver.commands) >= count + disabled_commands + 2, feed, DEADLINE_S)
-        driver.run_until(reported(driver, OK, enabled="True"), feed, DEADLINE_S, "OK again")
+        driver.run_until(driver.reports(OK, enabled="True"), feed, DEADLINE_S, "OK again")
 
         reply = driver.call(Trigger, "policy_node/reset", Trigger.Request())
         assert reply.success and "new episode" in reply.message
@@ -334,16 +276,16 @@ def test_managed_lifecycle(tmp_path, driver, ros_namespace):
         return driver.call(GetState, "policy_node/get_state", GetState.Request()).current_state.label
 
     proc = start_node(tmp_path, ros_namespace, managed=True, model_path="/nonexistent/openvla")
-    feed = feed_images_and_joints(driver)
+    feed = driver.feed_images_and_joints()
     try:
         driver.wait_for_node(proc)
         driver.instruct(INSTRUCTION)
         driver.run_until(
-            reported(driver, WARN, "unconfigured", backend="none: no model loaded"), feed, DEADLINE_S
+            driver.reports(WARN, "unconfigured", backend="none: no model loaded"), feed, DEADLINE_S
         )
         assert state() == "unconfigured"
         assert not transition(Transition.TRANSITION_CONFIGURE)
-        driver.run_until(reported(driver, ERROR, "checkpoint directory not found"), feed, DEADLINE_S)
+        driver.run_until(driver.reports(ERROR, "checkpoint directory not found"), feed, DEADLINE_S)
         (result,) = driver.set_parameters(model_path="")  # unconfigured: allowed
         assert result.successful, result.reason
         assert transition(Transition.TRANSITION_CONFIGURE) and state() == "inactive"
@@ -353,12 +295,12 @@ def test_managed_lifecycle(tmp_path, driver, ros_namespace):
         driver.run_until(lambda: len(driver.commands) >= 2, feed, DEADLINE_S, "commands when active")
         assert transition(Transition.TRANSITION_DEACTIVATE) and state() == "inactive"
         count = len(driver.commands)
-        driver.run_until(reported(driver, WARN, "inactive"), feed, DEADLINE_S)
+        driver.run_until(driver.reports(WARN, "inactive"), feed, DEADLINE_S)
         driver.run_until(lambda: len(driver.diagnostics) >= 3, feed, DEADLINE_S)
         inactive_commands = len(driver.commands) - count
         assert transition(Transition.TRANSITION_CLEANUP) and state() == "unconfigured"
         driver.run_until(
-            reported(driver, WARN, "unconfigured", backend="none: no model loaded"), feed, DEADLINE_S
+            driver.reports(WARN, "unconfigured", backend="none: no model loaded"), feed, DEADLINE_S
         )
     finally:
         out = stop(proc)
@@ -371,12 +313,12 @@ def test_watchdog_reports_slow_steps_and_a_lost_rate(tmp_path, driver, ros_names
     /diagnostics WARNs with the achieved rate; a step_timeout_s shorter than any step makes
     it an ERROR naming the step time."""
     proc = start_node(tmp_path, ros_namespace, control_rate_hz=50.0, step_timeout_s=0.001)
-    feed = feed_images_and_joints(driver)
+    feed = driver.feed_images_and_joints()
     try:
         driver.wait_for_node(proc)
         driver.instruct(INSTRUCTION)
         driver.run_until(
-            reported(driver, ERROR, "below 90% of 50 Hz"), feed, DEADLINE_S, "the rate warning", rate_hz=50.0
+            driver.reports(ERROR, "below 90% of 50 Hz"), feed, DEADLINE_S, "the rate warning", rate_hz=50.0
         )
     finally:
         stop(proc)
