@@ -138,6 +138,7 @@ class _StepJob:
     stamp: Time
     request: _StepRequest
     settings: _StepSettings
+    episode: int  # a step of an episode that ended while it ran commands nothing
 
 
 @dataclass
@@ -205,6 +206,7 @@ class PolicyNode(LifecycleNode):
         self._last_command: np.ndarray | None = None
         self._request: _StepRequest | None = None
         self._step = 0
+        self._episode = 0
         self._active = False
         self._enabled = True
         self._configure_error: str | None = None
@@ -278,8 +280,12 @@ class PolicyNode(LifecycleNode):
         self._min_side = self.policy.patch_size
         with self._lock:
             instruction = self._instruction
-        if instruction:
-            self._set_instruction(instruction)  # checked against this model's context
+        refusal = self._instruction_refusal(instruction) if instruction else None
+        if refusal:  # the instruction given before the model was known does not fit it
+            with self._lock:
+                self._instruction, self._refused = "", refusal
+            self.counters.rejected_instructions += 1
+            self.get_logger().error(f"instruction refused: {refusal}")
         p, defaults = self.params, PolicyParams()
         overridden = [k for k in THRESHOLD_KEYS if getattr(self._declared, k) != getattr(defaults, k)]
         if p.calibration_in_effect and overridden:
@@ -458,6 +464,7 @@ class PolicyNode(LifecycleNode):
 
     def _new_episode(self, why: str) -> None:
         with self._lock:
+            self._episode += 1
             self._last_command = None
             self._request = None
         if self.controller is not None:
@@ -622,14 +629,8 @@ class PolicyNode(LifecycleNode):
             self._stepping_since = started
         p = self.params
         settings = _StepSettings(p, self.low, self.high, 1.0 / p.control_rate_hz, not p.dry_run)
-        job = _StepJob(
-            frame.value,
-            instruction,
-            started,
-            self.get_clock().now().to_msg(),
-            _StepRequest(self._step),
-            settings,
-        )
+        stamp, request = self.get_clock().now().to_msg(), _StepRequest(self._step)
+        job = _StepJob(frame.value, instruction, started, stamp, request, settings, self._episode)
         with self._lock:
             self._request = job.request
         self._busy.set()
@@ -677,9 +678,11 @@ class PolicyNode(LifecycleNode):
         step = self._step
         self._step += 1
         with self._lock:
-            self._last_command = clipped
+            current = job.episode == self._episode  # not reset (~/reset, instruction) meanwhile
+            if current:
+                self._last_command = clipped
         frame_id, stamp = s.params.command_frame_id, job.stamp
-        if s.publish_commands and self._enabled and self._active:
+        if current and s.publish_commands and self._enabled and self._active:
             self.command_pub.publish(
                 messages.end_effector_command(stamp, frame_id, step, clipped, raw, action.bits)
             )

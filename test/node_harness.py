@@ -58,12 +58,15 @@ def run_node_expecting_exit(tmp_path: Path, timeout: float = 60.0, **params) -> 
 
 
 def stop(proc: subprocess.Popen) -> str:
-    proc.send_signal(2)  # SIGINT, as Ctrl-C
+    """SIGINT (as Ctrl-C) and the node's output, also printed: pytest shows it when the test
+    fails, whatever assertion stopped it."""
+    proc.send_signal(2)
     try:
         out, _ = proc.communicate(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
+    print(f"--- policy_node output (exit {proc.returncode}) ---\n{out}")
     return out
 
 

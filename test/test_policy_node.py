@@ -255,6 +255,7 @@ def test_precision_follows_motion_and_a_new_instruction_starts_an_episode(tmp_pa
         ros_namespace,
         kinematic_source="ee_pose",
         dispatch_timeout_ms=5000.0,
+        calibration_file="none",
         theta_24=0.4,
         theta_48=0.45,
     )
