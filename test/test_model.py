@@ -414,3 +414,20 @@ def test_7b_architecture_matches_published_checkpoint_names():
 def test_tiny_unnorm_key(tiny):
     assert VLAPolicy(tiny).stats.key == TINY_UNNORM_KEY
     assert VLAPolicy(tiny, unnorm_key=TINY_UNNORM_KEY).action_dim == 7
+
+
+def test_ensure_tiny_rebuilds_what_older_code_left(tmp_path):
+    """A tiny checkpoint is reused only if this code would build the same one: a directory
+    left by older code (another build id, e.g. before whole-word tokens) is rebuilt."""
+    from dyqvla_ros.model.tiny import ensure_tiny_openvla, tiny_build_id
+
+    path = ensure_tiny_openvla(tmp_path / "tiny")
+    weights = path / "model.safetensors"
+    built = weights.stat().st_mtime_ns
+    assert ensure_tiny_openvla(path) == path and weights.stat().st_mtime_ns == built  # reused
+    config = json.loads((path / "config.json").read_text())
+    assert config["dyqvla_tiny_build"] == tiny_build_id(0)
+    (path / "config.json").write_text(json.dumps({**config, "dyqvla_tiny_build": "older"}))
+    ensure_tiny_openvla(path)
+    assert json.loads((path / "config.json").read_text())["dyqvla_tiny_build"] == tiny_build_id(0)
+    assert weights.stat().st_mtime_ns != built  # rebuilt
