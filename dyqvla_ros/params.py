@@ -132,6 +132,11 @@ class PolicyParams:
         return f.metadata.get("name") or f.name
 
     @property
+    def period_s(self) -> float:
+        """The control period, 1 / control_rate_hz."""
+        return 1.0 / self.control_rate_hz
+
+    @property
     def calibration_in_effect(self) -> str:
         """The calibration file whose thresholds apply, "" for none (``calibration_file``)."""
         if self.calibration_file == NO_CALIBRATION:

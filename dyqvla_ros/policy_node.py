@@ -124,7 +124,6 @@ class _StepSettings:
     params: PolicyParams
     low: np.ndarray
     high: np.ndarray
-    period_s: float
     publish_commands: bool
 
 
@@ -391,8 +390,9 @@ class PolicyNode(LifecycleNode):
         return low, high
 
     def _start_timer(self) -> None:
-        period = 1.0 / self.params.control_rate_hz
-        self._timer = self.create_timer(period, self._control_step, callback_group=self._control)
+        self._timer = self.create_timer(
+            self.params.period_s, self._control_step, callback_group=self._control
+        )
 
     # --- runtime parameters ---------------------------------------------------------------
     def _on_set_parameters(self, parameters: list) -> SetParametersResult:
@@ -573,9 +573,8 @@ class PolicyNode(LifecycleNode):
 
     def _publish_zero_twist(self) -> None:
         if self.twist_pub is not None:
-            stamp = self.get_clock().now().to_msg()
-            period = 1.0 / self.params.control_rate_hz
-            self.twist_pub.publish(messages.twist(stamp, self.params.command_frame_id, None, period))
+            stamp, p = self.get_clock().now().to_msg(), self.params
+            self.twist_pub.publish(messages.twist(stamp, p.command_frame_id, None, p.period_s))
 
     def _step_motion(self) -> Motion | None:
         """The motion executed since the previous step, from ``kinematic_source``; None when
@@ -628,7 +627,7 @@ class PolicyNode(LifecycleNode):
         if self._stepping_since is None:
             self._stepping_since = started
         p = self.params
-        settings = _StepSettings(p, self.low, self.high, 1.0 / p.control_rate_hz, not p.dry_run)
+        settings = _StepSettings(p, self.low, self.high, not p.dry_run)
         stamp, request = self.get_clock().now().to_msg(), _StepRequest(self._step)
         job = _StepJob(frame.value, instruction, started, stamp, request, settings, self._episode)
         with self._lock:
@@ -687,7 +686,7 @@ class PolicyNode(LifecycleNode):
                 messages.end_effector_command(stamp, frame_id, step, clipped, raw, action.bits)
             )
             if self.twist_pub is not None:
-                self.twist_pub.publish(messages.twist(stamp, frame_id, clipped, s.period_s))
+                self.twist_pub.publish(messages.twist(stamp, frame_id, clipped, s.params.period_s))
         step_ms = (time.monotonic() - job.started) * 1e3
         timings = ((prefill_done - job.started) * 1e3, (done - decode_start) * 1e3, step_ms)
         self.precision_pub.publish(

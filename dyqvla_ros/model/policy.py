@@ -192,9 +192,12 @@ class VLAPolicy:
         patches = self.model.vision_backbone.featurizer.patch_embed.num_patches
         return context - patches - self.action_dim
 
+    def prompt_ids(self, instruction: str) -> torch.Tensor:
+        """(1, T) ids of the prompt ``prefill`` builds for ``instruction`` (on the CPU)."""
+        return prompt_ids(self.tokenizer, instruction_text(instruction, self.lowercase_instruction))
+
     def prompt_length(self, instruction: str) -> int:
-        """Tokens of the prompt ``prefill`` builds for ``instruction``."""
-        return prompt_ids(self.tokenizer, instruction_text(instruction, self.lowercase_instruction)).shape[1]
+        return self.prompt_ids(instruction).shape[1]
 
     def _precision(self, bits: int):
         """Context for running the model at ``bits``; unquantized models only run 16."""
@@ -207,8 +210,7 @@ class VLAPolicy:
     @torch.inference_mode()
     def prefill(self, image: np.ndarray, instruction: str) -> PrefillState:
         """Vision encoder + LLM prefill over the prompt without its last token."""
-        ids = prompt_ids(self.tokenizer, instruction_text(instruction, self.lowercase_instruction))
-        ids = ids.to(self.device)
+        ids = self.prompt_ids(instruction).to(self.device)
         pixels = self.preprocess(image).to(self.device, self.dtype)
         bits = self._last_decode_bits if self.prefill_bits == PREFILL_FOLLOW else int(self.prefill_bits)
         if not self.quantized:
