@@ -22,7 +22,7 @@ $(VENV)/.deps-stamp: $(VENV)/.venv-stamp requirements-ros.txt requirements.txt r
 	$(BIN)/python -m pip install -q -r requirements-ros.txt -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-$(VENV)/.msgs-stamp: $(VENV)/.deps-stamp $(wildcard msg/*.txt msg/*.xml msg/*.toml msg/msg/*.msg)
+$(VENV)/.msgs-stamp: $(VENV)/.deps-stamp $(wildcard msg/*.txt msg/*.xml msg/*.toml msg/msg/*.msg msg/action/*.action)
 	$(BIN)/python -m pip install -q --no-build-isolation ./msg
 	touch $@
 

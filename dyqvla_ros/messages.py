@@ -19,27 +19,27 @@ def _vector(values: np.ndarray) -> Vector3:
 
 
 def end_effector_command(
-    stamp: Time, frame_id: str, step: int, clipped: np.ndarray, raw: np.ndarray, bits: int
+    stamp: Time, frame_id: str, step: int, command: np.ndarray, raw: np.ndarray, bits: int
 ) -> EndEffectorCommand:
-    """OpenVLA 7-D action (Δxyz m, Δrpy rad, gripper) as an EndEffectorCommand."""
+    """The adapted 7-D command (Δxyz m, Δrpy rad, gripper) as an EndEffectorCommand."""
     return EndEffectorCommand(
         header=Header(stamp=stamp, frame_id=frame_id),
         step=step,
-        delta_position=_vector(clipped[0:3]),
-        delta_orientation=_vector(clipped[3:6]),
-        gripper=float(clipped[6]),
+        delta_position=_vector(command[0:3]),
+        delta_orientation=_vector(command[3:6]),
+        gripper=float(command[6]),
         bits=bits,
         raw_action=[float(v) for v in raw],
     )
 
 
-def twist(stamp: Time, frame_id: str, clipped: np.ndarray | None, period_s: float) -> TwistStamped:
+def twist(stamp: Time, frame_id: str, command: np.ndarray | None, period_s: float) -> TwistStamped:
     """Delta / control period (rpy rates approximate the angular velocity of small
     rotations); ``None`` gives the zero twist used to hold on stale inputs."""
     msg = TwistStamped(header=Header(stamp=stamp, frame_id=frame_id))
-    if clipped is not None:
-        msg.twist.linear = _vector(clipped[0:3] / period_s)
-        msg.twist.angular = _vector(clipped[3:6] / period_s)
+    if command is not None:
+        msg.twist.linear = _vector(command[0:3] / period_s)
+        msg.twist.angular = _vector(command[3:6] / period_s)
     return msg
 
 
@@ -52,7 +52,10 @@ def precision_state(
     weight_bits: int,
     fresh: bool,
     timings_ms: tuple[float, float, float],
+    published: Time,
+    latency_ms: float,
 ) -> PrecisionState:
+    """``stamp``: the camera frame's; ``published``: when its command went out."""
     prefill_ms, decode_ms, step_ms = timings_ms
     return PrecisionState(
         header=Header(stamp=stamp, frame_id=frame_id),
@@ -69,6 +72,8 @@ def precision_state(
         prefill_ms=float(prefill_ms),
         decode_ms=float(decode_ms),
         step_ms=float(step_ms),
+        published=published,
+        latency_ms=float(latency_ms),
     )
 
 

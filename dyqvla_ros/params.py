@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from dyqvla_ros.action_adapter import AdapterSettings
 from dyqvla_ros.calibration import THRESHOLD_KEYS, load_calibration, thresholds
 from dyqvla_ros.dispatcher import (
     DEFAULT_K,
@@ -103,6 +104,23 @@ class PolicyParams:
     action_low: list[float] = _p([], "lower clip bound per action dimension; empty: the dataset's q01")
     action_high: list[float] = _p([], "upper clip bound per action dimension; empty: the dataset's q99")
     dry_run: bool = _p(False, "compute and report precision, publish no command")
+    action_scale: float = _p(1.0, "multiplies Δxyz and Δrpy after the clip (bring-up), in (0, 1]")
+    max_translation_m: float = _p(0.0, "cap on the norm of one step's Δxyz (m), after the scale; 0: none")
+    max_rotation_rad: float = _p(0.0, "cap on the norm of one step's Δrpy (rad), after the scale; 0: none")
+    workspace_min: list[float] = _p(
+        [], "workspace box, lower xyz corner in command_frame_id (m); needs ee_pose or joint_states"
+    )
+    workspace_max: list[float] = _p([], "workspace box, upper xyz corner in command_frame_id (m)")
+    gripper_mode: str = _p(
+        "absolute", "absolute (the state) or relative (the change from the last state sent)"
+    )
+    gripper_threshold: float = _p(
+        -1.0, "binarise the gripper: >= it 1.0 (open), else 0.0 (closed), e.g. 0.5; negative: continuous"
+    )
+    gripper_invert: bool = _p(False, "send 1 - gripper (for robots where 1 means close)")
+    gripper_sticky_steps: int = _p(
+        0, "a new binary gripper state is sent once asked for this many steps in a row; 0 or 1: at once"
+    )
     dispatch_timeout_ms: float = _p(
         50.0, "longest wait for b*_t after the prefill; later -> 16 bits, not fresh"
     )
@@ -135,6 +153,21 @@ class PolicyParams:
     def period_s(self) -> float:
         """The control period, 1 / control_rate_hz."""
         return 1.0 / self.control_rate_hz
+
+    @property
+    def adapter_settings(self) -> AdapterSettings:
+        """The action adapter's part of the parameters (``action_adapter``)."""
+        return AdapterSettings(
+            self.action_scale,
+            self.max_translation_m,
+            self.max_rotation_rad,
+            tuple(self.workspace_min),
+            tuple(self.workspace_max),
+            self.gripper_mode,
+            self.gripper_threshold,
+            self.gripper_invert,
+            self.gripper_sticky_steps,
+        )
 
     @property
     def calibration_in_effect(self) -> str:
@@ -205,6 +238,12 @@ class PolicyParams:
                 raise ValueError("parameters 'action_low' and 'action_high' must have the same length")
             if any(lo > hi for lo, hi in zip(self.action_low, self.action_high, strict=True)):
                 raise ValueError("parameter 'action_low' must be <= 'action_high' in every dimension")
+        self.adapter_settings.validate()
+        if self.workspace_min and self.kinematic_source == "command":
+            raise ValueError(
+                "a workspace box (workspace_min/max) needs the end-effector position: set "
+                "kinematic_source to ee_pose or joint_states"
+            )
         effective = self
         if self.calibration_in_effect:
             effective = replace(self, **thresholds(load_calibration(self.calibration_in_effect)))

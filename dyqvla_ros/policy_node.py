@@ -9,8 +9,15 @@ One control step (timer at ``control_rate_hz``, paper §V-B):
    group, woken through a hidden intra-node topic: motion -> M_t, J_t -> S_t -> b*_t;
 3. the worker decodes the action tokens at b*_t, waiting for it at most
    ``dispatch_timeout_ms`` after the prefill (if late: 16 bits, step marked not fresh);
-4. it publishes the clipped command (``ee_command``, optionally ``ee_twist``) and the
-   ``precision`` state.
+4. the action adapter (``action_adapter``: clip, scale, caps, workspace box, gripper
+   conventions) turns the action into the command; it publishes the command
+   (``ee_command``, optionally ``ee_twist``) and the ``precision`` state, all stamped with
+   the camera frame's own header stamp.
+
+``~/execute`` (action ``dyqvla_msgs/action/ExecuteInstruction``) runs one instruction
+for ``max_steps`` steps or ``timeout_s`` seconds; a cancel, a new goal or an instruction
+on the topic ends it; whenever a goal ends the node holds (no command, new episode) until
+the next goal or instruction. The instruction topic works as before without the action.
 
 Threads: the executor thread runs every callback, each short: ``sensors`` (image,
 joints, pose, instruction, services: copies under a lock), ``control`` (the timer; a
@@ -30,7 +37,8 @@ image or robot state -> no command (zero twist), diagnostics WARN, then ERROR af
 ``STALE_ERROR_AFTER_S``; a pose jump faster than ``max_ee_speed_mps`` is never read as
 motion; an instruction longer than the model's context is refused; an exception in
 inference is caught (no command, ERROR, next step retried); actions are clipped to
-``action_low``/``action_high``; ``~/enable`` false stops commands.
+``action_low``/``action_high``, scaled, capped and kept in the workspace box by the
+adapter; ``~/enable`` false stops commands.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -52,19 +60,24 @@ import rclpy
 import torch
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray
+from dyqvla_msgs.action import ExecuteInstruction
 from dyqvla_msgs.msg import EndEffectorCommand, PrecisionState
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rcl_interfaces.msg import SetParametersResult
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.action.server import ServerGoalHandle
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.signals import SignalHandlerOptions
+from rclpy.task import Future
 from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import String, UInt64
 from std_srvs.srv import SetBool, Trigger
 
 from dyqvla_ros import messages
+from dyqvla_ros.action_adapter import ActionAdapter, AdapterSettings
 from dyqvla_ros.calibration import THRESHOLD_KEYS
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.health import NodeHealth, achieved_rate, assess
@@ -79,11 +92,14 @@ from dyqvla_ros.precision import PrecisionController, PrecisionDecision
 from dyqvla_ros.step_stats import StepStats
 
 MONITOR_TOPIC = "~/_monitor_step"  # hidden (leading underscore): internal hand-off
+NO_INSTRUCTION = "no instruction yet"
+INSTRUCTION_SHOWN_CHARS = 200  # of the instruction, in logs and /diagnostics
 ACTION_DIM = 7
 # Longer instructions are refused before they are tokenized: no token is under one character.
 MAX_CHARS_PER_TOKEN = 32
 LOG_EVERY_S = 5.0  # dropped-message warnings, per input
 MONITOR_PARAMETERS = {"percentile", "history", "w_macro", "w_micro"}
+ADAPTER_PARAMETERS = {f.name for f in fields(AdapterSettings)} | {"action_low", "action_high"}
 DISPATCH_PARAMETERS = {"theta_24", "theta_48", "theta_fp", "lam", "k", "allowed_bits", "calibration_file"}
 NEWEST_ONLY = QoSProfile(
     history=HistoryPolicy.KEEP_LAST,
@@ -101,11 +117,12 @@ LATCHED = QoSProfile(
 
 @dataclass
 class _Latest:
-    """A message's payload and the monotonic time it arrived."""
+    """A message's payload, the monotonic time it arrived and its header stamp."""
 
     value: object
     received: float
     consumed: bool = False
+    stamp: Time | None = None
 
 
 @dataclass
@@ -134,7 +151,7 @@ class _StepJob:
     image: np.ndarray
     instruction: str
     started: float
-    stamp: Time
+    stamp: Time  # the camera frame's
     request: _StepRequest
     settings: _StepSettings
     episode: int  # a step of an episode that ended while it ran commands nothing
@@ -152,6 +169,25 @@ class _Counters:
     inference_errors: int = 0
     late_dispatches: int = 0
     episode_resets: int = 0
+    unstamped_images: int = 0
+    translation_capped: int = 0
+    rotation_capped: int = 0
+    workspace_cuts: int = 0
+    gripper_changes_held: int = 0
+
+
+@dataclass
+class _Goal:
+    """An accepted ``~/execute`` goal: what it asked for and how far it got."""
+
+    handle: ServerGoalHandle
+    max_steps: int
+    deadline: float | None  # monotonic
+    done: Future
+    episode: int = -1
+    steps: int = 0
+    outcome: int | None = None  # ExecuteInstruction.Result constant once ended
+    message: str = ""
 
 
 def _total(counter: str, what: str) -> Callable:
@@ -193,6 +229,7 @@ class PolicyNode(LifecycleNode):
         self.controller: PrecisionController | None = None
         self.fk: ForwardKinematics | None = None
         self.low = self.high = np.zeros(ACTION_DIM)
+        self.adapter: ActionAdapter | None = None  # with the model's clip bounds, at configure
         self.pose_delta = PoseDelta(self.params.max_ee_speed_mps)
         self._min_side = 1  # the model's patch, once loaded
 
@@ -202,6 +239,8 @@ class PolicyNode(LifecycleNode):
         self._pose: _Latest | None = None
         self._instruction = ""
         self._refused: str | None = None  # why the latest instruction was refused
+        self._waiting = NO_INSTRUCTION  # why there is no instruction, if none was refused
+        self._goal: _Goal | None = None  # the ~/execute goal running, if any
         self._last_command: np.ndarray | None = None
         self._request: _StepRequest | None = None
         self._step = 0
@@ -244,6 +283,15 @@ class PolicyNode(LifecycleNode):
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_service(SetBool, "~/enable", self._on_enable, callback_group=sensors)
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=sensors)
+        self._execute_server = ActionServer(
+            self,
+            ExecuteInstruction,
+            "~/execute",
+            execute_callback=self._execute_goal,
+            goal_callback=self._on_goal,
+            cancel_callback=self._on_cancel,
+            callback_group=sensors,
+        )
         # The monitor is woken at the start of each step through a hidden intra-node topic
         # (a subscription is a plain callback in its group; rclpy re-triggers a guard
         # condition until it is taken, a second source of executor spinning).
@@ -267,6 +315,7 @@ class PolicyNode(LifecycleNode):
             self.policy = self._load_policy()
             self.controller = self._controller(self.params)
             self.low, self.high = self._clip_bounds(self.params)
+            self.adapter = ActionAdapter(self.params.adapter_settings, self.low, self.high)
             p = self.params
             if p.kinematic_source == "joint_states":
                 self.fk = ForwardKinematics(p.urdf_path, p.ee_link)
@@ -312,12 +361,13 @@ class PolicyNode(LifecycleNode):
             self._timer = None
         self._stepping_since = self._stale_since = None
         self._publish_zero_twist()
+        self._end_goal(self._goal, ExecuteInstruction.Result.ABORTED, "node deactivated")
         return TransitionCallbackReturn.SUCCESS
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Release the model (after the step in flight)."""
         self._wait_idle()
-        self.policy = self.controller = self.fk = None
+        self.policy = self.controller = self.fk = self.adapter = None
         self._min_side = 1
         return TransitionCallbackReturn.SUCCESS
 
@@ -436,6 +486,9 @@ class PolicyNode(LifecycleNode):
             self.policy.lowercase_instruction = new.lowercase_instruction
             self.policy.preprocess.center_crop = new.center_crop
             self.low, self.high = self._clip_bounds(new)
+            if changed & ADAPTER_PARAMETERS:
+                with self._lock:  # a new adapter: the gripper state restarts from open
+                    self.adapter = ActionAdapter(new.adapter_settings, self.low, self.high)
         self.pose_delta.max_speed_mps = new.max_ee_speed_mps
         if "control_rate_hz" in changed and self._timer is not None:
             self.destroy_timer(self._timer)
@@ -467,29 +520,113 @@ class PolicyNode(LifecycleNode):
             self._episode += 1
             self._last_command = None
             self._request = None
+            if self.adapter is not None:
+                self.adapter.reset()
         if self.controller is not None:
             self.controller.reset()
         self.pose_delta.reset()
         self.counters.episode_resets += 1
         self.get_logger().info(f"new episode ({why})")
 
+    # --- ~/execute action ---------------------------------------------------------------
+    def _on_goal(self, request: ExecuteInstruction.Goal) -> GoalResponse:
+        """Accept a goal the node can run now; a rejected one is logged with the reason."""
+        text = request.instruction.strip()
+        if not self._active:
+            refusal = f"the node is {self.lifecycle_label}, not active"
+        elif not text:
+            refusal = "empty instruction"
+        elif not (math.isfinite(request.timeout_s) and request.timeout_s >= 0):
+            refusal = f"timeout_s must be >= 0, got {request.timeout_s}"
+        else:
+            refusal = self._instruction_refusal(text)
+        if refusal:
+            self.get_logger().warning(f"~/execute goal rejected: {refusal}")
+            return GoalResponse.REJECT
+        return GoalResponse.ACCEPT
+
+    def _on_cancel(self, handle: ServerGoalHandle) -> CancelResponse:
+        """Cancel at once: hold, new episode; the step in flight commands nothing."""
+        goal = self._goal
+        if goal is not None and goal.handle is handle:
+            self._end_goal(goal, ExecuteInstruction.Result.CANCELLED, "cancelled by the client")
+        return CancelResponse.ACCEPT
+
+    async def _execute_goal(self, handle: ServerGoalHandle) -> ExecuteInstruction.Result:
+        """Run the goal's instruction (preempting the goal running) until the goal ends."""
+        request = handle.request
+        deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
+        goal = _Goal(handle, request.max_steps, deadline, Future(executor=self.executor))
+        goal.done.add_done_callback(lambda _: None)  # wakes the executor when another thread ends it
+        self._end_goal(self._goal, ExecuteInstruction.Result.PREEMPTED, "preempted by a new goal")
+        with self._lock:
+            self._goal = goal
+        self._set_instruction(request.instruction, goal)
+        self.get_logger().info(
+            f"~/execute: {request.instruction.strip()[:INSTRUCTION_SHOWN_CHARS]!r}, max_steps "
+            f"{request.max_steps or 'unlimited'}, timeout {request.timeout_s or 'none'}"
+        )
+        await goal.done
+        result = ExecuteInstruction.Result(steps=goal.steps, outcome=goal.outcome, message=goal.message)
+        if goal.outcome == ExecuteInstruction.Result.CANCELLED:
+            handle.canceled()
+        elif goal.outcome in (ExecuteInstruction.Result.MAX_STEPS, ExecuteInstruction.Result.TIMEOUT):
+            handle.succeed()
+        else:
+            handle.abort()
+        return result
+
+    def _goal_step(self, goal: _Goal, bits: int, command: EndEffectorCommand) -> None:
+        """A step of ``goal`` completed (worker thread): feedback, and the end at max_steps."""
+        if goal.outcome is not None:  # ended (cancelled) while the step ran
+            return
+        goal.steps += 1
+        goal.handle.publish_feedback(ExecuteInstruction.Feedback(step=goal.steps, bits=bits, command=command))
+        if goal.max_steps and goal.steps >= goal.max_steps:
+            self._end_goal(goal, ExecuteInstruction.Result.MAX_STEPS, f"ran {goal.steps} steps")
+
+    def _end_goal(self, goal: _Goal | None, outcome: int, message: str) -> None:
+        """End ``goal`` (any thread, once). The goal running ends in a hold: no instruction,
+        a new episode (the step in flight commands nothing); a preempting instruction or goal
+        then sets its own."""
+        if goal is None:
+            return
+        with self._lock:
+            if goal.outcome is not None:
+                return
+            goal.outcome, goal.message = outcome, message
+            running = self._goal is goal
+            if running:
+                self._goal, self._instruction = None, ""
+                self._waiting = f"goal ended ({message}): waiting for a goal or an instruction"
+        if running:
+            self._new_episode(f"goal ended: {message}")
+            self._publish_zero_twist()
+        self.get_logger().info(f"~/execute goal ended: {message} after {goal.steps} steps")
+        goal.done.set_result(outcome)
+
     # --- sensor callbacks ---------------------------------------------------------------
-    def _store_frame(self, rgb: np.ndarray) -> None:
+    def _store_frame(self, rgb: np.ndarray, stamp: Time) -> None:
+        """Keep the newest frame with its header stamp, which the step's outputs carry; an
+        unstamped frame (0) gets its arrival time on the node clock, counted."""
+        if stamp.sec == 0 and stamp.nanosec == 0:
+            self.counters.unstamped_images += 1
+            stamp = self.get_clock().now().to_msg()
         with self._lock:
             if self._frame is not None and not self._frame.consumed:
                 self.counters.dropped_frames += 1
-            self._frame = _Latest(rgb, time.monotonic())
+            self._frame = _Latest(rgb, time.monotonic(), stamp=stamp)
 
     @_total("rejected_images", "image")
     def _on_image(self, msg: Image) -> None:
         limit, side = self.params.max_image_pixels, self._min_side
-        self._store_frame(image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data, limit, side))
+        rgb = image_to_rgb(msg.encoding, msg.height, msg.width, msg.step, msg.data, limit, side)
+        self._store_frame(rgb, msg.header.stamp)
 
     @_total("rejected_images", "image/compressed")
     def _on_compressed(self, msg: CompressedImage) -> None:
-        self._store_frame(
-            compressed_to_rgb(msg.format, msg.data, self.params.max_image_pixels, self._min_side)
-        )
+        rgb = compressed_to_rgb(msg.format, msg.data, self.params.max_image_pixels, self._min_side)
+        self._store_frame(rgb, msg.header.stamp)
 
     @_total("rejected_joints", "joint_states")
     def _on_joints(self, msg: JointState) -> None:
@@ -516,13 +653,16 @@ class PolicyNode(LifecycleNode):
     def _on_instruction(self, msg: String) -> None:
         self._set_instruction(msg.data)
 
-    def _set_instruction(self, text: str) -> None:
+    def _set_instruction(self, text: str, goal: _Goal | None = None) -> None:
         """A new instruction starts a new episode; one the model cannot hold is refused
-        (and the old one dropped: the operator asked for something else)."""
+        (and the old one dropped: the operator asked for something else). One that does not
+        come from ``goal`` (the topic, the parameter) preempts the goal running."""
         text = text.strip()
         if not text:
             self.get_logger().warning("empty instruction ignored")
             return
+        if goal is None:
+            self._end_goal(self._goal, ExecuteInstruction.Result.PREEMPTED, "preempted by an instruction")
         refusal = self._instruction_refusal(text)
         with self._lock:
             self._instruction, self._refused = ("", refusal) if refusal else (text, None)
@@ -530,8 +670,11 @@ class PolicyNode(LifecycleNode):
             self.counters.rejected_instructions += 1
             self.get_logger().error(f"instruction refused: {refusal}")
         else:
-            self.get_logger().info(f"new instruction: {text[:200]!r}")
+            self.get_logger().info(f"new instruction: {text[:INSTRUCTION_SHOWN_CHARS]!r}")
         self._new_episode("new instruction")
+        if goal is not None:
+            with self._lock:
+                goal.episode = self._episode
 
     def _instruction_refusal(self, text: str) -> str | None:
         """Why ``text`` cannot run, or None (also None before a model is loaded: checked at configure)."""
@@ -549,7 +692,7 @@ class PolicyNode(LifecycleNode):
     def _stale_reason(self, now: float) -> str | None:
         p = self.params
         if not self._instruction:
-            return "no valid instruction" if self._refused else "no instruction yet"
+            return "no valid instruction" if self._refused else self._waiting
         if self._frame is None or now - self._frame.received > p.stale_image_timeout_s:
             return "image stale"
         robot_state = {"ee_pose": self._pose, "joint_states": self._joints}.get(
@@ -614,6 +757,9 @@ class PolicyNode(LifecycleNode):
             self.stats.overruns += 1  # previous step still running: skip this tick
             return
         self._apply_pending()
+        goal = self._goal
+        if goal is not None and goal.deadline is not None and started >= goal.deadline:
+            self._end_goal(goal, ExecuteInstruction.Result.TIMEOUT, f"timed out after {goal.steps} steps")
         with self._lock:
             reason = self._stale_reason(started)
             if reason is None:
@@ -628,8 +774,8 @@ class PolicyNode(LifecycleNode):
             self._stepping_since = started
         p = self.params
         settings = _StepSettings(p, self.low, self.high, not p.dry_run)
-        stamp, request = self.get_clock().now().to_msg(), _StepRequest(self._step)
-        job = _StepJob(frame.value, instruction, started, stamp, request, settings, self._episode)
+        request = _StepRequest(self._step)
+        job = _StepJob(frame.value, instruction, started, frame.stamp, request, settings, self._episode)
         with self._lock:
             self._request = job.request
         self._busy.set()
@@ -673,32 +819,78 @@ class PolicyNode(LifecycleNode):
         done = time.monotonic()
         s = job.settings
         raw = action.action
-        clipped = np.clip(raw, s.low, s.high)
         step = self._step
         self._step += 1
-        with self._lock:
-            current = job.episode == self._episode  # not reset (~/reset, instruction) meanwhile
-            if current:
-                self._last_command = clipped
+        try:
+            position = self._ee_position() if s.params.adapter_settings.has_workspace else None
+            with self._lock:
+                current = job.episode == self._episode  # not reset (~/reset, instruction, goal) meanwhile
+                command = self.adapter(raw, position) if current else None
+                if command is not None:
+                    self._last_command = command.action
+                goal = self._goal if current and self._goal and self._goal.episode == job.episode else None
+        except ValueError as err:  # the pose went missing since the step began: no command
+            self.counters.inference_errors += 1
+            self._last_error = f"action adapter: {err}"
+            self.get_logger().error(f"no command this step: {self._last_error}")
+            return
+        if command is not None:
+            self._count_limits(command)
         frame_id, stamp = s.params.command_frame_id, job.stamp
-        if current and s.publish_commands and self._enabled and self._active:
-            self.command_pub.publish(
-                messages.end_effector_command(stamp, frame_id, step, clipped, raw, action.bits)
-            )
+        command_msg = (
+            None
+            if command is None
+            else messages.end_effector_command(stamp, frame_id, step, command.action, raw, action.bits)
+        )
+        published = self.get_clock().now()
+        if command_msg is not None and s.publish_commands and self._enabled and self._active:
+            self.command_pub.publish(command_msg)
             if self.twist_pub is not None:
-                self.twist_pub.publish(messages.twist(stamp, frame_id, clipped, s.params.period_s))
+                self.twist_pub.publish(messages.twist(stamp, frame_id, command.action, s.params.period_s))
+        latency_ms = (published.nanoseconds - (stamp.sec * 10**9 + stamp.nanosec)) / 1e6
         step_ms = (time.monotonic() - job.started) * 1e3
         timings = ((prefill_done - job.started) * 1e3, (done - decode_start) * 1e3, step_ms)
         self.precision_pub.publish(
             messages.precision_state(
-                stamp, frame_id, step, decision, action.bits, s.params.weight_bits, fresh, timings
+                stamp,
+                frame_id,
+                step,
+                decision,
+                action.bits,
+                s.params.weight_bits,
+                fresh,
+                timings,
+                published.to_msg(),
+                latency_ms,
             )
         )
         self.stats.record(action.bits, fresh, step_ms, job.started)
+        if command is not None:
+            self.stats.record_camera_latency(time.monotonic(), latency_ms)
+        if goal is not None:
+            self._goal_step(goal, action.bits, command_msg)
+
+    def _ee_position(self) -> np.ndarray | None:
+        """The end effector's measured xyz now (ee_pose, or FK of the joint states)."""
+        with self._lock:
+            pose, joints = self._pose, self._joints
+        if self.params.kinematic_source == "ee_pose":
+            return None if pose is None else pose.value[0]
+        if self.params.kinematic_source == "joint_states" and joints is not None:
+            return self.fk.pose(*joints.value)[0]
+        return None
+
+    def _count_limits(self, command) -> None:
+        c = self.counters
+        c.translation_capped += command.translation_capped
+        c.rotation_capped += command.rotation_capped
+        c.workspace_cuts += command.workspace_cut
+        c.gripper_changes_held += command.gripper_held
 
     def shutdown(self) -> None:
         """Stop the inference worker after the step in flight."""
         self._active = False
+        self._end_goal(self._goal, ExecuteInstruction.Result.ABORTED, "node shutting down")
         self._jobs.put(None)
         self._worker.join(timeout=30.0)
 
@@ -734,9 +926,17 @@ class PolicyNode(LifecycleNode):
             enabled=self._enabled,
         )
 
+    def _goal_summary(self) -> str:
+        goal = self._goal
+        if goal is None:
+            return "none"
+        return f"{goal.steps}/{goal.max_steps or 'unlimited'} steps"
+
     def _publish_diagnostics(self) -> None:
-        level, message = assess(self._health(time.monotonic()))
+        now = time.monotonic()
+        level, message = assess(self._health(now))
         p50, p99 = self.stats.latency_percentiles()
+        camera = self.stats.camera_latency_percentiles(now)
         shares = self.stats.bit_shares()
         c, p = self.counters, self.params
         values = {
@@ -745,6 +945,9 @@ class PolicyNode(LifecycleNode):
             "backend": self._backend(),
             "lifecycle": self.lifecycle_label,
             "enabled": self._enabled,
+            "unnorm_key": self.policy.stats.key if self.policy is not None else p.unnorm_key,
+            "instruction": self._instruction[:INSTRUCTION_SHOWN_CHARS],
+            "goal": self._goal_summary(),
             "precision_mode": p.precision_mode,
             "weight_bits": p.weight_bits,
             "calibration": p.calibration_in_effect or "none",
@@ -755,12 +958,21 @@ class PolicyNode(LifecycleNode):
             "k": p.k,
             "control_rate_hz": p.control_rate_hz,
             "dry_run": p.dry_run,
+            "action_scale": p.action_scale,
+            "translation_capped": c.translation_capped,
+            "rotation_capped": c.rotation_capped,
+            "workspace_cuts": c.workspace_cuts,
+            "gripper_changes_held": c.gripper_changes_held,
+            "unstamped_images": c.unstamped_images,
             "active_bits": self.policy.active_bits() if self.policy is not None else 16,
             **{f"share_{b}bit": f"{shares[b]:.3f}" for b in (2, 4, 8, 16)},
             "steps": self.stats.steps,
             "step_rate_hz": f"{self.stats.rate_hz():.2f}",
             "latency_p50_ms": f"{p50:.1f}",
             "latency_p99_ms": f"{p99:.1f}",
+            # camera frame stamp -> command published, over the last 10 s ("" when no command)
+            "camera_to_command_p50_ms": f"{camera[0]:.1f}" if camera else "",
+            "camera_to_command_p99_ms": f"{camera[1]:.1f}" if camera else "",
             "fresh_dispatch_share": f"{self.stats.fresh_share():.3f}",
             "dropped_frames": c.dropped_frames,
             "stale_inputs": c.stale_steps,

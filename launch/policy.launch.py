@@ -3,7 +3,9 @@
     ros2 launch dyqvla_ros policy.launch.py instruction:="put the red cube in the bowl" \
         model_path:=/models/openvla-7b image_topic:=/camera/color/image_raw
 
-Arguments left empty keep the value from ``params_file`` (config/policy.yaml by default).
+Arguments left empty keep the value from ``params_file``: by default config/bringup.yaml,
+the bring-up profile (dry_run: true, action_scale: 0.3). Going live on a robot whose caps
+and box are set: ``dry_run:=false``, then ``action_scale:=1.0``.
 """
 
 import os
@@ -27,9 +29,11 @@ PARAMETER_ARGUMENTS = {
     "kinematic_source": "kinematic_source",
     "calibration_file": "calibration_file",
     "managed": "managed",
+    "dry_run": "dry_run",
+    "action_scale": "action_scale",
 }
 # The parameters above that are not strings: managed:=true waits for a lifecycle manager.
-PARAMETER_TYPES = {"managed": bool}
+PARAMETER_TYPES = {"managed": bool, "dry_run": bool, "action_scale": float}
 # launch argument -> topic the node subscribes to (remapped).
 TOPIC_ARGUMENTS = {
     "image_topic": "image",
@@ -61,7 +65,7 @@ def _node(context):
 
 
 def generate_launch_description() -> LaunchDescription:
-    default_params = os.path.join(get_package_share_directory("dyqvla_ros"), "config", "policy.yaml")
+    default_params = os.path.join(get_package_share_directory("dyqvla_ros"), "config", "bringup.yaml")
     arguments = [
         DeclareLaunchArgument(
             "params_file", default_value=default_params, description="node parameters (YAML)"

@@ -35,6 +35,8 @@ def test_message_types_import_and_have_documented_fields():
         "prefill_ms": "float",
         "decode_ms": "float",
         "step_ms": "float",
+        "published": "builtin_interfaces/Time",
+        "latency_ms": "float",
     }
     fields = EndEffectorCommand.get_fields_and_field_types()
     assert fields == {
@@ -45,6 +47,26 @@ def test_message_types_import_and_have_documented_fields():
         "gripper": "float",
         "bits": "uint8",
         "raw_action": "sequence<float>",
+    }
+    from dyqvla_msgs.action import ExecuteInstruction
+
+    assert ExecuteInstruction.Goal.get_fields_and_field_types() == {
+        "instruction": "string",
+        "max_steps": "uint32",
+        "timeout_s": "double",
+    }
+    assert ExecuteInstruction.Result.get_fields_and_field_types() == {
+        "steps": "uint32",
+        "outcome": "uint8",
+        "message": "string",
+    }
+    outcomes = [ExecuteInstruction.Result.MAX_STEPS, ExecuteInstruction.Result.TIMEOUT]
+    outcomes += [ExecuteInstruction.Result.CANCELLED, ExecuteInstruction.Result.PREEMPTED]
+    assert outcomes + [ExecuteInstruction.Result.ABORTED] == [0, 1, 2, 3, 4]
+    assert ExecuteInstruction.Feedback.get_fields_and_field_types() == {
+        "step": "uint32",
+        "bits": "uint8",
+        "command": "dyqvla_msgs/EndEffectorCommand",
     }
 
 

@@ -155,6 +155,16 @@ def test_step_stats():
     assert stats.latency_percentiles()[0] == pytest.approx(25.0)
 
 
+def test_camera_latency_covers_the_last_ten_seconds_only():
+    stats = StepStats()
+    assert stats.camera_latency_percentiles(now=0.0) is None
+    for t in range(30):  # one command per second; the old ones were slow
+        stats.record_camera_latency(float(t), 500.0 if t < 20 else 40.0 + t - 20)
+    p50, p99 = stats.camera_latency_percentiles(now=29.5)
+    assert p50 == pytest.approx(44.5) and 48.0 < p99 <= 49.0
+    assert stats.camera_latency_percentiles(now=100.0) is None
+
+
 def test_calibration_file_overrides_thresholds(tmp_path):
     good = tmp_path / "calibration.yaml"
     good.write_text(yaml.safe_dump({"dyqvla_calibration": {"version": 1, "theta_24": 0.1, "theta_48": 0.3}}))
@@ -198,7 +208,12 @@ def test_default_params_file_lists_every_parameter():
     text = (REPO / "config" / "policy.yaml").read_text()
     declared = yaml.safe_load(text)["/**"]["ros__parameters"]
     names = {PolicyParams.ros_name(f) for f in fields(PolicyParams)}
-    optional = {"action_low", "action_high"}  # empty lists have no ROS type: commented out
+    optional = {
+        "action_low",
+        "action_high",
+        "workspace_min",
+        "workspace_max",
+    }  # empty lists have no ROS type: commented out
     assert set(declared) == names - optional
     assert all(f"# {n}:" in text for n in optional)
     defaults = PolicyParams()
@@ -207,6 +222,25 @@ def test_default_params_file_lists_every_parameter():
         if name in declared:
             assert declared[name] == getattr(defaults, f.name), name
             assert type(declared[name]) is type(getattr(defaults, f.name)), name  # 5.0 not 5
+
+
+def test_bringup_profile_is_the_launch_default_and_its_examples_are_valid():
+    """[I] The launch file starts in bring-up (dry run, 30 % motion) while the node's own
+    defaults stay neutral; the caps and box it shows commented out are valid settings."""
+    text = (REPO / "config" / "bringup.yaml").read_text()
+    profile = yaml.safe_load(text)["/**"]["ros__parameters"]
+    assert profile == {"dry_run": True, "action_scale": 0.3}
+    defaults = PolicyParams()
+    assert (defaults.dry_run, defaults.action_scale) == (False, 1.0)
+    examples = "\n".join(
+        line.replace("# ", "", 1) for line in text.splitlines() if re.match(r"\s*# \w+: ", line)
+    )
+    examples = yaml.safe_load(examples)
+    assert {"max_translation_m", "max_rotation_rad", "workspace_min", "workspace_max"} <= set(examples)
+    PolicyParams(**profile, **examples).validate()
+    source = (REPO / "launch" / "policy.launch.py").read_text()
+    assert '"config", "bringup.yaml")' in source
+    assert "(default `config/bringup.yaml`" in (REPO / "README.md").read_text()
 
 
 def _launch_tree() -> ast.Module:
@@ -234,7 +268,7 @@ def test_launch_file_matches_the_node_and_the_readme():
     parameters = _literal_dict(tree, "PARAMETER_ARGUMENTS")
     topics = _literal_dict(tree, "TOPIC_ARGUMENTS")
     documented = readme_launch_arguments()
-    assert len(documented) == 13, documented  # params_file, 8 parameters, 4 topic remaps
+    assert len(documented) == 15, documented  # params_file, 10 parameters, 4 topic remaps
     assert {"params_file", *parameters, *topics} == documented
     names = {PolicyParams.ros_name(f) for f in fields(PolicyParams)}
     assert all(argument == parameter and parameter in names for argument, parameter in parameters.items())
