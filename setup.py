@@ -40,6 +40,7 @@ setup(
         "console_scripts": [
             "policy_node = dyqvla_ros.policy_node:main",
             "dyqvla-make-tiny = dyqvla_ros.model.tiny:main",
+            "dyqvla-make-random = dyqvla_ros.tools.make_random:main",
             "dyqvla-synth-bag = dyqvla_ros.bags.synthetic:main",
             "dyqvla-replay = dyqvla_ros.bags.replay:main",
             "dyqvla-record = dyqvla_ros.bags.record:main",

@@ -2,11 +2,15 @@
 
 For each layer shape of the Llama-2-7B backbone (hidden 4096, MLP 11008) and
 M in {1, 16, 280} tokens, times every activation bit-width of ``QuantLinear`` and a
-bf16 ``torch.matmul`` on the same device, in the same run, and prints the ratio
+bf16 ``nn.Linear`` on the same device, in the same run, and prints the ratio
 (bf16 time / ours: > 1 means faster than bf16), achieved weight GB/s at M = 1 and
-TOP/s at M = 280. On CUDA the Triton backend runs; on the CPU the reference and the
-``cpu`` backend (torch built-ins), side by side (Triton's interpreter is far too slow
-for these shapes).
+TOP/s at M = 280. On CUDA the Triton backend runs; on the CPU the reference, the
+``cpu`` backend (torch built-ins, portable layout) and ``cpu_int4`` (torch's int4 GEMM
+on the runtime layout, ``quant.to_cpu_runtime``), side by side (Triton's interpreter is
+far too slow for these shapes). ``--dtype float32`` feeds the layers fp32 activations
+(the CPU model's dtype today; the baseline stays bf16). ``--routes`` (CPU) also times
+both paths of ``cpu_int4`` at each M -- the int4 GEMM ("int4 mm") and dequantize +
+bf16 matmul ("int4 deq") -- from which ``w4a_cpu.DEQUANT_MIN_ROWS`` is chosen.
 
 ``--sweep`` (CUDA; under ``--quick`` also in the interpreter) times the bare ``w4a_gemm``
 kernel with other launch configurations (tiles, split-K, warps) beside the default
@@ -18,6 +22,7 @@ flushed before each call, so weights come from HBM as they do in a model's forwa
     python bench/kernels.py                 # all shapes
     python bench/kernels.py --sweep         # + launch-configuration sweep (CUDA)
     python bench/kernels.py --quick         # small shapes, seconds (CI keeps it alive)
+    python bench/kernels.py --m 1 280 --backends cpu_int4 --reps 5   # a short CPU run
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from functools import partial
 import torch
 from torch import nn
 
+from dyqvla_ros.kernels.w4a_cpu import w4a_gemm_int4pack
 from dyqvla_ros.kernels.w4a_gemm import LaunchConfig, launch_config, w4a_gemm
-from dyqvla_ros.quant import QuantLinear, weight_bytes
+from dyqvla_ros.quant import QuantLinear, to_cpu_runtime, weight_bytes
 
 # (name, in_features K, out_features N) of one Llama-2-7B decoder layer.
 LLAMA7B_LINEARS = [
@@ -46,6 +52,7 @@ LLAMA7B_LINEARS = [
 QUICK_LINEARS = [("quick", 256, 384)]
 BITS = (16, 8, 4, 2)
 GROUP = 128
+CPU_BACKENDS = ("reference", "cpu", "cpu_int4")
 # Alternatives to launch_config's defaults: (M, configurations tried at that M); the
 # dequant_matmul variant is timed at 16 bits only.
 SWEEP = [
@@ -103,21 +110,52 @@ def rates(ms: float, bf16_ms: float, layer: QuantLinear, m: int) -> dict:
     }
 
 
-def run(linears: list[tuple[str, int, int]], ms: list[int], device: torch.device, reps: int) -> list[dict]:
-    """Every bit-width of QuantLinear beside bf16 ``nn.Linear``; on the CPU both CPU backends."""
+def quant_layer(dense: nn.Linear, backend: str) -> QuantLinear:
+    """``dense`` quantized for ``backend`` (cpu_int4: in its runtime layout)."""
+    layer = QuantLinear.from_linear(dense, GROUP, backend=backend)
+    return to_cpu_runtime(layer) if backend == "cpu_int4" else layer
+
+
+def int4_route(layer: QuantLinear, x: torch.Tensor, dequantize: bool) -> torch.Tensor:
+    """One forced path of the cpu_int4 GEMM (no bias: ``bench`` layers have none)."""
+    return w4a_gemm_int4pack(x, layer.int4pack, layer.scale_zeros, layer.precision.bits, GROUP, dequantize)
+
+
+def run(
+    linears: list[tuple[str, int, int]],
+    ms: list[int],
+    device: torch.device,
+    reps: int,
+    backends: list[str] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    routes: bool = False,
+) -> list[dict]:
+    """Every bit-width of QuantLinear on each of ``backends`` beside a bf16 ``nn.Linear``.
+
+    ``backends``: None for triton on CUDA, every CPU backend on the CPU; ``dtype``: the
+    activations the quantized layers get (the baseline always runs bf16); ``routes``: also
+    both forced paths of cpu_int4 (rows "int4 mm" and "int4 deq").
+    """
+    if backends is None:
+        backends = ["triton"] if device.type == "cuda" else list(CPU_BACKENDS)
     rows = []
-    backends = ["triton"] if device.type == "cuda" else ["reference", "cpu"]
     for name, k, n in linears:
         dense = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-        layers = {b: QuantLinear.from_linear(dense, GROUP, backend=b) for b in backends}
+        layers = {b: quant_layer(dense, b) for b in backends}
+        timed: dict[str, tuple[QuantLinear, Callable]] = {b: (layer, layer) for b, layer in layers.items()}
+        if routes:
+            int4 = layers["cpu_int4"] if "cpu_int4" in layers else quant_layer(dense, "cpu_int4")
+            for label, dequantize in (("int4 mm", False), ("int4 deq", True)):
+                timed[label] = (int4, partial(int4_route, int4, dequantize=dequantize))
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            xq = x.to(dtype)
             with torch.no_grad():
                 base = time_ms(partial(dense, x), device, reps)
                 for bits in BITS:
-                    for backend, layer in layers.items():
+                    for backend, (layer, fn) in timed.items():
                         layer.precision.set(bits)
-                        ours = time_ms(partial(layer, x), device, reps)
+                        ours = time_ms(partial(fn, xq), device, reps)
                         rows.append(
                             {
                                 "layer": name,
@@ -226,6 +264,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
+    parser.add_argument("--m", type=int, nargs="+", help="rows (tokens) to time (default 1 16 280)")
+    parser.add_argument("--backends", nargs="+", choices=CPU_BACKENDS, help="CPU backends to time (all)")
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="the quantized layers' input"
+    )
+    parser.add_argument("--routes", action="store_true", help="also both paths of cpu_int4 (CPU)")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
     parser.add_argument(
         "--reps", type=int, default=None, help="timed repetitions (CPU) or milliseconds of them (CUDA)"
@@ -236,7 +280,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     linears = QUICK_LINEARS if args.quick else LLAMA7B_LINEARS
-    ms = [1, 16, 40] if args.quick else [1, 16, 280]
+    ms = args.m or ([1, 16, 40] if args.quick else [1, 16, 280])
     if (
         args.sweep
         and device.type != "cuda"
@@ -244,16 +288,28 @@ def main() -> None:
     ):
         parser.error("--sweep runs Triton kernels: it needs CUDA (or --quick with TRITON_INTERPRET=1)")
     reps = args.reps or (100 if device.type == "cuda" else 3)
-    rows = run(linears, ms, device, reps)
+    if device.type == "cuda" and (args.backends or args.routes):
+        parser.error("--backends and --routes choose among the CPU backends; CUDA runs triton")
+    rows = run(linears, ms, device, reps, args.backends, getattr(torch, args.dtype), args.routes)
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
-    print_table(rows, f"{name}, torch {torch.__version__}")
+    print_table(rows, f"{name}, torch {torch.__version__}, {args.dtype} activations")
     swept = sweep(linears, QUICK_SWEEP if args.quick else SWEEP, device, reps) if args.sweep else []
     if swept:
         print_sweep(swept)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "rows": rows, "sweep": swept}, f, indent=1)
+            json.dump(
+                {
+                    "device": name,
+                    "torch": torch.__version__,
+                    "dtype": args.dtype,
+                    "rows": rows,
+                    "sweep": swept,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dyqvla_ros.model.action_tokenizer import ActionStats
+
 GRIPPER_MODES = ("absolute", "relative")
 OPEN, CLOSED = 1.0, 0.0  # OpenVLA's gripper convention
 
@@ -89,6 +91,23 @@ class AdapterSettings:
             raise ValueError(
                 "parameter 'gripper_sticky_steps' needs a binary gripper: set 'gripper_threshold' >= 0"
             )
+
+
+def clip_bounds(
+    stats: ActionStats, action_low: list[float], action_high: list[float]
+) -> tuple[np.ndarray, ...]:
+    """The adapter's clip bounds as the node sets them: ``action_low`` / ``action_high``,
+    each (empty) defaulting to the dataset's q01 / q99 (-1 / 1 where the mask leaves a
+    dimension un-normalised)."""
+    low, high = np.where(stats.mask, stats.q01, -1.0), np.where(stats.mask, stats.q99, 1.0)
+    for name, given in (("action_low", action_low), ("action_high", action_high)):
+        if given and len(given) != len(low):
+            raise ValueError(f"parameter '{name}' must have {len(low)} values, got {len(given)}")
+    low = np.asarray(action_low, dtype=float) if action_low else low
+    high = np.asarray(action_high, dtype=float) if action_high else high
+    if np.any(low > high):
+        raise ValueError("parameter 'action_low' must be <= 'action_high' in every dimension")
+    return low, high
 
 
 @dataclass(frozen=True)

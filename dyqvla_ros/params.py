@@ -35,6 +35,7 @@ from dyqvla_ros.motion import KINEMATIC_SOURCES
 from dyqvla_ros.precision import PRECISION_MODES
 
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16")
 PREFILL_BITS = ("2", "4", "8", "16", "follow")
 NO_CALIBRATION = "none"
 
@@ -58,6 +59,12 @@ class PolicyParams:
     )
     instruction: str = _p("", "initial language instruction; the 'instruction' topic replaces it")
     device: str = _p("auto", "auto, cpu or cuda", restart=True)
+    dtype: str = _p(
+        "auto",
+        "auto, float32 or bfloat16 for the unquantized parts; auto: bfloat16 on CUDA and for models "
+        "of 1B parameters or more on the CPU, float32 for smaller ones on the CPU",
+        restart=True,
+    )
     control_rate_hz: float = _p(5.0, "control steps per second (Hz), > 0")
     precision_mode: str = _p("dynamic", "dynamic (DyQ-VLA), or a fixed activation bit-width 2, 4, 8, 16")
     group_size: int = _p(128, "INT4 weight group size: 32, 64 or 128", restart=True)
@@ -185,6 +192,8 @@ class PolicyParams:
             raise ValueError(f"parameter 'control_rate_hz' must be > 0, got {self.control_rate_hz}")
         if self.device not in DEVICES:
             raise ValueError(f"parameter 'device' must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"parameter 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
         if self.precision_mode not in PRECISION_MODES:
             raise ValueError(
                 f"parameter 'precision_mode' must be one of {PRECISION_MODES}, got {self.precision_mode!r}"

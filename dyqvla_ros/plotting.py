@@ -112,3 +112,29 @@ def plot_sensitivity(path: str | Path, records: list[dict], correlations: dict) 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_actions(
+    path: str | Path,
+    t: np.ndarray,
+    episodes: np.ndarray,
+    recorded: np.ndarray,
+    commands: dict[int, np.ndarray],
+    names: tuple[str, ...],
+) -> None:
+    """The replay check over time: per action dimension, the recorded action and each
+    width's command (``replay_check``); dotted lines where an episode starts."""
+    fig, axes = plt.subplots(len(names), 1, figsize=(11, 2.0 * len(names)), sharex=True)
+    starts = t[1:][np.diff(episodes) != 0]
+    for d, (ax, name) in enumerate(zip(axes, names, strict=True)):
+        ax.plot(t, recorded[:, d], color="black", lw=2.0, alpha=0.6, label="recorded")
+        for b, command in commands.items():
+            ax.plot(t, command[:, d], color=BIT_COLORS.get(b), lw=1.0, label=f"policy {b}-bit")
+        for start in starts:
+            ax.axvline(start, ls=":", lw=0.8, color="gray")
+        ax.set_ylabel(name)
+    axes[0].legend(loc="upper right", ncol=len(commands) + 1, fontsize=8)
+    axes[-1].set_xlabel("time (s, episodes in a row)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

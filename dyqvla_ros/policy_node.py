@@ -77,7 +77,7 @@ from std_msgs.msg import String, UInt64
 from std_srvs.srv import SetBool, Trigger
 
 from dyqvla_ros import messages
-from dyqvla_ros.action_adapter import ActionAdapter, AdapterSettings
+from dyqvla_ros.action_adapter import ActionAdapter, AdapterSettings, clip_bounds
 from dyqvla_ros.calibration import THRESHOLD_KEYS
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.health import NodeHealth, achieved_rate, assess
@@ -85,7 +85,7 @@ from dyqvla_ros.image_conversion import compressed_to_rgb, image_to_rgb
 from dyqvla_ros.kinematics import KinematicMonitor
 from dyqvla_ros.model import CheckpointError, VLAPolicy, load_openvla
 from dyqvla_ros.model.embedded import embedded_policy_path
-from dyqvla_ros.model.loader import load_quantized_openvla
+from dyqvla_ros.model.loader import default_dtype, load_quantized_openvla
 from dyqvla_ros.motion import ForwardKinematics, ImplausibleMotionError, Motion, PoseDelta
 from dyqvla_ros.params import PolicyParams, declare_parameters
 from dyqvla_ros.precision import PrecisionController, PrecisionDecision
@@ -392,7 +392,7 @@ class PolicyNode(LifecycleNode):
             # threads; on the 2-core CI machine the tiny model's step p99 went from 114 ms
             # (1 torch thread) to 1 s and the 5 Hz loop fell to 3.4 Hz (bench/node_step.py).
             torch.set_num_threads(p.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        dtype = default_dtype(self.model_path, self.device) if p.dtype == "auto" else getattr(torch, p.dtype)
         if p.weight_bits == 16:  # the unquantized baseline: same node, same topics
             loaded = load_openvla(self.model_path, self.device, dtype)
         else:
@@ -427,17 +427,7 @@ class PolicyNode(LifecycleNode):
         )
 
     def _clip_bounds(self, p: PolicyParams) -> tuple[np.ndarray, np.ndarray]:
-        """``action_low`` / ``action_high``, each defaulting (empty) to the dataset's q01 / q99."""
-        stats = self.policy.stats
-        low, high = np.where(stats.mask, stats.q01, -1.0), np.where(stats.mask, stats.q99, 1.0)
-        for name, given in (("action_low", p.action_low), ("action_high", p.action_high)):
-            if given and len(given) != ACTION_DIM:
-                raise ValueError(f"parameter '{name}' must have {ACTION_DIM} values, got {len(given)}")
-        low = np.asarray(p.action_low) if p.action_low else low
-        high = np.asarray(p.action_high) if p.action_high else high
-        if np.any(low > high):
-            raise ValueError("parameter 'action_low' must be <= 'action_high' in every dimension")
-        return low, high
+        return clip_bounds(self.policy.stats, p.action_low, p.action_high)
 
     def _start_timer(self) -> None:
         self._timer = self.create_timer(

@@ -9,19 +9,32 @@ so switching it re-quantizes, re-allocates and copies nothing::
     with activation_bits(model, 4):
         y = model(x)
 
-Weight layout (see ``dyqvla_ros.kernels.int4.pack_int4``): ``qweight`` is
+Portable weight layout (see ``dyqvla_ros.kernels.int4.pack_int4``): ``qweight`` is
 ``(K_pad // 2) x N`` uint8, two INT4 values per byte along K (K = in_features, padded
 with zero rows to a multiple of the group size); ``scales`` is ``(K_pad // G) x N``
 fp16. Memory: 0.5 + 2 / G bytes per weight (0.516 at G = 128).
 
 Backends: ``triton`` (CUDA, or the CPU under TRITON_INTERPRET=1), ``cpu`` (torch
 built-ins: per-group ``torch._int_mm`` for the integer paths, dequantize + ``matmul``
-at 16 bits; ``dyqvla_ros.kernels.w4a_cpu``) and ``reference`` (plain PyTorch, the
-integer semantics every backend reproduces). ``auto`` picks triton on CUDA; on the CPU
-it picks ``cpu`` where it was measured to help -- more than 16 rows through a layer of
-at least 2^20 weights (OpenVLA-7B shapes, M = 280: 2.1-3.4x faster; BENCHMARKS.md) --
-and the reference otherwise (at M <= 16 both unpack the whole weight per call and the
-reference was 1.3-2.3x faster; at the tiny model's shapes they tie).
+at 16 bits; ``dyqvla_ros.kernels.w4a_cpu``), ``cpu_int4`` (torch's CPU int4 GEMM,
+``_weight_int4pack_mm_for_cpu``, in bf16) and ``reference`` (plain PyTorch, the integer
+semantics every backend but ``cpu_int4`` reproduces; ``cpu_int4`` is float math on the
+same quantized values, within ``w4a_cpu.INT4PACK_TOLERANCE`` of it).
+
+``cpu_int4`` reads its own, machine-dependent weight layout, made at load time on CPU
+devices by ``to_cpu_runtime(model)``: each layer's portable tensors are replaced by the
+runtime ones (one layer's transient peak, never a second copy of the model), losslessly
+(``save_quantized`` converts them back bit for bit, so files stay portable). ``auto``
+picks ``triton`` on CUDA and ``cpu_int4`` on a converted layer, for every M and dtype:
+on OpenVLA-7B shapes it measured 2.2-2.6x faster than a dense bf16 ``nn.Linear`` at M = 1
+(A16; 1.8-2.6x at A2-A8) and 2.5-8x faster than ``cpu`` / ``reference`` at M = 280
+(though still ~4x slower than dense bf16 there), with fp32 and bf16 activations alike
+(``bench/kernels.py``), and 1.6-2.6x faster than the reference at the tiny model's layer
+shapes (64 -> 64, 64 -> 128, 128 -> 64; M = 1 and 100). On an
+unconverted CPU layer it picks ``cpu`` for more than 16 rows through a layer of at least
+2^20 weights (OpenVLA-7B shapes, M = 280: 2.1-3.4x faster than the reference) and the
+reference otherwise (at M <= 16 both unpack the whole weight per call and the reference
+was 1.3-2.3x faster; at the tiny model's shapes they tie).
 """
 
 from __future__ import annotations
@@ -37,17 +50,23 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dyqvla_ros.kernels.int4 import INT4_MAX, INT4_MIN, pack_int4
-from dyqvla_ros.kernels.w4a_cpu import w4a_gemm_cpu
+from dyqvla_ros.kernels.w4a_cpu import (
+    from_int4pack,
+    int4pack_block_n,
+    to_int4pack,
+    w4a_gemm_cpu,
+    w4a_gemm_int4pack,
+)
 from dyqvla_ros.kernels.w4a_gemm import (
     SUPPORTED_BITS,
     dequantize_int4_reference,
     w4a_gemm,
     w4a_gemm_reference,
 )
+from dyqvla_ros.tensor_files import assign_tensor, read_each, tensor_names, write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +79,13 @@ class Backend(enum.StrEnum):
     AUTO = "auto"
     TRITON = "triton"
     CPU = "cpu"
+    CPU_INT4 = "cpu_int4"
     REFERENCE = "reference"
 
 
 _GEMMS = {Backend.TRITON: w4a_gemm, Backend.CPU: w4a_gemm_cpu, Backend.REFERENCE: w4a_gemm_reference}
+# The runtime layout's buffers (not saved: save_quantized writes the portable ones back).
+_RUNTIME_BUFFERS = ("int4pack", "scale_zeros", "scale_residual")
 CPU_FAST_MIN_ROWS = 17  # rows (tokens) from which auto uses the cpu backend ...
 CPU_FAST_MIN_WEIGHTS = 1 << 20  # ... for layers of at least this many weights
 
@@ -179,8 +201,44 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    @property
+    def cpu_runtime(self) -> bool:
+        """Whether the weights are in the ``cpu_int4`` runtime layout (``to_cpu_runtime``)."""
+        return "int4pack" in self._buffers
+
+    def to_cpu_runtime_(self) -> None:
+        """Replace the portable weight tensors by the ``cpu_int4`` runtime layout, in place.
+
+        The portable ones are dropped (freed unless referenced elsewhere); the runtime
+        ones are non-persistent buffers, so no state dict carries the machine's layout.
+        """
+        if self.cpu_runtime:
+            return
+        if self.qweight.device.type != "cpu":
+            raise ValueError(f"the cpu_int4 layout is for CPU layers, this one is on {self.qweight.device}")
+        runtime = to_int4pack(self.qweight, self.scales)
+        del self.qweight, self.scales
+        for name, tensor in zip(_RUNTIME_BUFFERS, runtime, strict=True):
+            self.register_buffer(name, tensor, persistent=False)
+
+    def portable_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight, scales) in the portable layout, whichever layout the layer holds
+        (converted back bit for bit from the runtime layout: a new copy then)."""
+        if self.cpu_runtime:
+            return from_int4pack(self.int4pack, self.scale_zeros, self.scale_residual, self.out_features)
+        return self.qweight, self.scales
+
     def backend_for(self, flat: torch.Tensor) -> Backend:
         """The backend that runs ``flat`` (rows x in_features): the chosen one, or auto's pick."""
+        if self.cpu_runtime:
+            if self.backend not in (Backend.AUTO, Backend.CPU_INT4) or flat.device.type != "cpu":
+                raise ValueError(
+                    f"layer in the cpu_int4 runtime layout: it runs cpu_int4 on the CPU only, "
+                    f"not {self.backend.value} on {flat.device}"
+                )
+            return Backend.CPU_INT4
+        if self.backend is Backend.CPU_INT4:
+            raise ValueError("backend cpu_int4 needs the runtime layout: call to_cpu_runtime(model) first")
         if self.backend is not Backend.AUTO:
             return self.backend
         if flat.is_cuda:
@@ -191,7 +249,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bits = self.precision.bits
         flat = x.reshape(-1, self.in_features)
-        out = _GEMMS[self.backend_for(flat)](flat, self.qweight, self.scales, bits, self.group_size)
+        backend = self.backend_for(flat)
+        if backend is Backend.CPU_INT4:
+            out = w4a_gemm_int4pack(flat, self.int4pack, self.scale_zeros, bits, self.group_size)
+            out = out[:, : self.out_features]  # the layout pads N
+        else:
+            out = _GEMMS[backend](flat, self.qweight, self.scales, bits, self.group_size)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -200,6 +263,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, group_size={self.group_size}, backend={self.backend.value}"
+            + (", layout=cpu_int4" if self.cpu_runtime else "")
         )
 
 
@@ -262,7 +326,8 @@ def quantize_model(
         skip: fnmatch patterns of module names left in full precision (lm_head by default).
         include: fnmatch patterns of module names to quantize instead of the default
             "every linear of the language model" (e.g. ``["vision_backbone.*"]``).
-        backend: ``auto``, ``triton``, ``cpu`` or ``reference``.
+        backend: ``auto``, ``triton``, ``cpu``, ``cpu_int4`` (after ``to_cpu_runtime``)
+            or ``reference``.
     """
     _check_group_size(group_size)
     backend = Backend(backend)
@@ -282,6 +347,27 @@ def quantize_model(
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def to_cpu_runtime(model: nn.Module) -> nn.Module:
+    """Move every QuantLinear of ``model`` (or ``model`` itself) that may run ``cpu_int4``
+    -- backend ``auto`` or ``cpu_int4`` -- to its runtime layout, in place; return ``model``.
+
+    Call it once after loading on a CPU device (``auto`` then runs ``cpu_int4`` there);
+    one layer at a time, so the peak is one layer's transient codes (int32, 4 B/param).
+    Layers pinned to another backend keep the portable layout, and so does every layer
+    where torch's int4 CPU kernel or its layout is unavailable (a warning; ``auto`` then
+    runs the portable backends). The layout is torch's and this machine's: it is never
+    saved (``save_quantized`` writes the portable tensors).
+    """
+    if int4pack_block_n() is None:
+        log.warning("torch's int4 CPU GEMM is unavailable here: the quantized layers stay portable")
+        return model
+    layers = [m for m in quantized_layers(model).values() if m.backend in (Backend.AUTO, Backend.CPU_INT4)]
+    for layer in layers:
+        layer.to_cpu_runtime_()
+    log.info("%d quantized layers in the cpu_int4 runtime layout", len(layers))
+    return model
 
 
 def set_activation_bits(model: nn.Module, bits: int) -> None:
@@ -321,11 +407,14 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
 
 
 def save_quantized(model: nn.Module, path: str | Path) -> None:
-    """Write the quantized model's state dict to a safetensors file (no pickle).
+    """Write the quantized model's state dict to a safetensors file (no pickle), one tensor
+    at a time (``tensor_files.write_tensors``: no second copy of the model, even on CUDA).
 
     The header metadata records the format name and version, the group size, and
     every quantized layer with its in/out features, so that ``load_quantized`` can
-    rebuild the layers without re-quantizing.
+    rebuild the layers without re-quantizing. Layers in the ``cpu_int4`` runtime layout
+    are written in the portable one, converted back bit for bit, one layer at a time (the
+    same file as before ``to_cpu_runtime``).
     """
     layers = quantized_layers(model)
     if not layers:
@@ -341,18 +430,27 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
             {name: [m.in_features, m.out_features, m.bias is not None] for name, m in layers.items()}
         ),
     }
-    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    state = model.state_dict()
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in state.items()}
+    runtime = {name: layer for name, layer in layers.items() if layer.cpu_runtime}
+    for name, layer in runtime.items():
+        k_pad = -(-layer.in_features // layer.group_size) * layer.group_size
+        specs[f"{name}.qweight"] = (torch.uint8, (k_pad // 2, layer.out_features))
+        specs[f"{name}.scales"] = (torch.float16, (k_pad // layer.group_size, layer.out_features))
+
+    def fetch(name: str) -> torch.Tensor:
+        layer_name, _, buffer = name.rpartition(".")
+        if layer_name in runtime and buffer in ("qweight", "scales"):  # not its bias
+            return runtime[layer_name].portable_tensors()[("qweight", "scales").index(buffer)]
+        return state[name]
+
+    write_tensors(Path(path), specs, fetch, metadata)
 
 
-def _read_quantized(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_metadata(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"quantized checkpoint not found: {path}")
     try:
-        tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
@@ -363,7 +461,7 @@ def _read_quantized(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         raise ValueError(
             f"{path} has format version {metadata.get('version')!r}; this code reads version {FORMAT_VERSION}"
         )
-    return tensors, metadata
+    return metadata
 
 
 def load_quantized(
@@ -372,10 +470,12 @@ def load_quantized(
     """Load ``save_quantized`` output into an unquantized model of the same architecture.
 
     The listed layers are replaced by empty QuantLinear modules and filled from the file
-    (no re-quantization); every tensor's name and shape must match.
+    (no re-quantization), one tensor at a time (``tensor_files.read_each``: the peak is
+    the model plus one tensor); every tensor's name, shape and dtype must match. Tensors
+    go to ``device``, else to where the model's are (the CPU for a model on meta).
     """
     path = Path(path)
-    tensors, metadata = _read_quantized(path)
+    metadata = _read_metadata(path)
     try:
         group_size = int(metadata["group_size"])
         layers = json.loads(metadata["layers"])
@@ -394,25 +494,47 @@ def load_quantized(
             )
     _replace_linears(
         model,
-        lambda _name, linear: QuantLinear.shaped_like(linear, group_size, precision, backend, device),
+        lambda _name, linear: QuantLinear.shaped_like(linear, group_size, precision, backend),
         include=list(layers),
         skip=(),
     )
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    names = tensor_names(path)
+    missing = sorted(set(expected) - set(names))
+    unexpected = sorted(set(names) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path}: tensors missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape or tensor.dtype != expected[name].dtype:
+    for name, tensor, _file in read_each([path]):
+        want = expected[name]
+        if tensor.shape != want.shape or tensor.dtype != want.dtype:
             raise ValueError(
                 f"{path}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype} in the file, "
-                f"{tuple(expected[name].shape)} {expected[name].dtype} in the model"
+                f"{tuple(want.shape)} {want.dtype} in the model"
             )
-    model.load_state_dict(tensors, strict=True, assign=device is None and _on_meta(model))
+        target = device or ("cpu" if want.is_meta else want.device)
+        assign_tensor(model, name, tensor.to(target))
     model.dyqvla_precision = precision
     return model
 
 
-def _on_meta(model: nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in model.state_dict().values())
+def empty_quantized_layers(
+    model: nn.Module,
+    group_size: int = 128,
+    include: Iterable[str] | None = None,
+    skip: Iterable[str] = ("*lm_head",),
+    backend: Backend | str = Backend.AUTO,
+) -> dict[str, QuantLinear]:
+    """Replace the linears ``quantize_model`` would quantize by unfilled QuantLinear layers
+    on their device (meta, for a loader that fills them as it reads the checkpoint)."""
+    _check_group_size(group_size)
+    precision = getattr(model, "dyqvla_precision", None) or ActivationPrecision()
+    replaced = _replace_linears(
+        model,
+        lambda _name, linear: QuantLinear.shaped_like(linear, group_size, precision, Backend(backend)),
+        include,
+        skip,
+    )
+    if not replaced:
+        raise ValueError("no nn.Linear layer to quantize")
+    model.dyqvla_precision = precision
+    return {name: model.get_submodule(name) for name in replaced}

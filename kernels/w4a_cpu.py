@@ -1,8 +1,8 @@
-"""W4A{2,4,8,16} GEMM on the CPU with torch built-ins (the ``cpu`` backend).
+"""W4A{2,4,8,16} GEMM on the CPU with torch built-ins: the ``cpu`` and ``cpu_int4`` backends.
 
-The reference (``w4a_gemm_reference``) unpacks the weight to fp32 and runs one einsum
-per call; this path does the same arithmetic with the CPU's fast kernels, and keeps
-nothing beside the packed weight (the unpacked copy lives for one call):
+``cpu`` (``w4a_gemm_cpu``) runs on the portable layout (``int4.pack_int4`` + fp16 scales)
+with the reference's integer semantics, and keeps nothing beside the packed weight (the
+unpacked copy lives for one call):
 
 * bits < 16: the activations become the reference's Eq. 2 codes, shifted into int8;
   one ``torch._int_mm`` (oneDNN int8 GEMM, int32 accumulation) per weight group gives
@@ -12,26 +12,85 @@ nothing beside the packed weight (the unpacked copy lives for one call):
   rounded once), then one ``torch.matmul``. In fp32 this is the reference's function
   summed in another order; in bf16 the weights and the product are rounded to bf16.
 
-Not used: ``torch._weight_int4pack_mm_for_cpu`` (measured fastest at M = 1 with bf16
-activations) needs its own machine-dependent packed layout; keeping it beside ours
-would double the weight memory (limit 0.52 B/param) and using it instead would make
-saved files machine-dependent and leave the integer paths without their layout.
+It and the reference unpack the whole weight on every call, which made them 10-50x
+slower than a dense bf16 matmul (BENCHMARKS.md). ``cpu_int4`` (``w4a_gemm_int4pack``) runs on a *runtime*
+layout instead: torch's CPU int4 GEMM ``_weight_int4pack_mm_for_cpu`` (AVX512 / AVX2
+kernels) reads its own packed layout, so the weights are converted to it at load time
+(``to_int4pack``; ``dyqvla_ros.quant.to_cpu_runtime``), in place of the portable tensors
+(one copy), and converted back exactly for saving (``from_int4pack``): files stay
+portable, only memory holds the machine's layout. The op's conventions (torch 2.14,
+found by experiment and torch's ``int4mm_kernel.cpp``):
+
+* weight: ``_convert_weight_to_int4pack_for_cpu(codes, innerKTiles)`` with ``codes``
+  N x K int32 in [0, 15]; we store q + 8 and the kernel maps a nibble u to u - 8, so it
+  sees our signed q exactly. N must be a multiple of 16 (we pad N to 64, one AVX512
+  block), K a multiple of the group size. ``innerKTiles`` is ignored on the CPU
+  (identical bytes for 1, 2, 4, 8). The result is N x K/2 uint8 in blocks of B columns
+  (B = 64 with AVX512, 32 with AVX2): per block and k, B/2 bytes whose low nibbles are
+  the block's first B/2 columns and high nibbles the last B/2 (``int4pack_block_n``
+  checks this on the running machine).
+* ``qScaleAndZeros``: (K/G, N, 2) pairs (scale, zero) in the activations' dtype;
+  dequant = (u - 8) * scale + zero, so ours are (s, 0). Groups 32, 64, 128, 256.
+* activations bf16, fp16 or fp32, but only bf16 has a vectorized kernel: fp16 / fp32
+  ran 30-50x slower at M = 1 (4096 x 4096: 0.43 ms bf16, 13 ms fp32, 21 ms fp16). So
+  this backend runs in bf16 whatever the model's dtype, and the pairs are bf16: the
+  fp16 scale rounded to bf16 (relative error <= 2^-8). The rounding is undone exactly
+  by an int8 ``residual`` per scale (bf16 -> fp32 bits + residual * 2^13 = the fp16
+  scale in fp32), which is what keeps the conversion lossless; it costs 1 / G B/param
+  (runtime: 0.5 + 5 / G = 0.539 B/param at G = 128, vs 0.516 portable).
+
+The kernel re-dequantizes the weight for every 4 rows of x, so its time grows with M
+(4096 x 4096 on this 2-core machine: 0.5 ms at M = 1, 13 ms at M = 64, ~50 ms at M = 280,
+where a dense bf16 matmul (AMX) takes ~6 ms). From ``DEQUANT_MIN_ROWS`` rows on (where
+``bench/kernels.py --routes`` measured it faster: 0.85-0.9x the GEMM's time at M = 128,
+1.6-1.7x at M = 64), the weight is instead dequantized to bf16 ``DEQUANT_CHUNK_COLUMNS``
+columns at a time (a transient chunk, never the whole layer) and multiplied by torch's
+bf16 matmul: ~25 ms at M = 280, still ~4x a dense bf16 matmul, as the dequantization
+(several elementwise passes) dominates.
+
+Precision: float math on the same quantized values, not the integer semantics of the
+reference and the Triton kernel. bits < 16: x's Eq. 2 codes minus the zero point
+(integers |Q - z| <= 255, exact in bf16) go through the GEMM and the per-token scale
+is applied to its fp32 result, so no activation value is rounded; bits = 16: x is
+rounded to bf16 (when it is not bf16 already). In both, the weight scales are bf16 and
+the GEMM's output is rounded to bf16; the dequantizing path also rounds q * s to bf16.
+Max relative error against ``w4a_gemm_reference`` (max |out - ref| / max |ref|),
+measured on this machine (torch 2.14.1, AVX512) over both paths, fp32 and bf16 inputs,
+OpenVLA-7B shapes (4096 -> 4096, 4096 -> 11008, 11008 -> 4096; G = 128; M = 1, 280)
+and ragged small ones (G = 32, 64, 128), activations with x25 outlier channels:
+
+    bits   2: 5.5e-3    4: 5.3e-3    8: 5.7e-3    16: 6.9e-3
+
+the same at every bit-width because the bf16 roundings dominate, not the activation
+codes (which are exact). ``INT4PACK_TOLERANCE`` (1.5e-2) is the tests' bound, ~2x that.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from dyqvla_ros.kernels.int4 import quantize_activations, unpack_int4
+from dyqvla_ros.kernels.int4 import pack_int4, quantize_activations, unpack_int4
 from dyqvla_ros.kernels.w4a_gemm import SUPPORTED_BITS, dequantize_int4_reference
+
+N_ALIGN = 64  # runtime layout columns padded to this (a whole AVX512 or AVX2 block)
+DEQUANT_MIN_ROWS = 128  # from here on, dequantize + bf16 matmul (bench/kernels.py)
+DEQUANT_CHUNK_COLUMNS = 512  # columns dequantized at once on that path
+_RESIDUAL_SHIFT = 13  # fp32 mantissa bits below fp16's: the residual's unit
+INT4PACK_TOLERANCE = 1.5e-2  # max |out - ref| / max |ref| vs the reference (module doc)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
 
 
 def w4a_gemm_cpu(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
 ) -> torch.Tensor:
     """x (M x K) @ INT4 weight -> fp32 (M x N), activations at ``bits`` (see module doc)."""
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    _check_bits(bits)
     m, k = x.shape
     if bits == 16:
         dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
@@ -53,3 +112,156 @@ def w4a_gemm_cpu(
         acc = torch._int_mm(codes[:, part], w_t[:, part].t()) + offset * colsum[g]
         out.add_(acc.float() * group_scales[g])
     return out * scale[:, None]
+
+
+def _signed_nibbles(packed_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., B/2) int4pack bytes -> the signed q of their low and high nibbles (int8).
+
+    XOR 0x88 turns each stored u = q + 8 into q's two's-complement nibble; the shifts
+    sign-extend it, as in ``int4.unpack_int4``.
+    """
+    signed = (packed_blocks ^ 0x88).view(torch.int8)
+    return (signed << 4) >> 4, signed >> 4
+
+
+def _blocks(packed: torch.Tensor, block_n: int) -> torch.Tensor:
+    """N_pad x K_pad/2 int4pack bytes as (N_pad / B, K_pad, B / 2): per block, per k."""
+    n_pad, half_k = packed.shape
+    return packed.view(n_pad // block_n, 2 * half_k, block_n // 2)
+
+
+def _int4pack_codes(packed: torch.Tensor, block_n: int) -> torch.Tensor:
+    """N_pad x K_pad int8 q in [-8, 7] held by an int4pack weight (block layout B)."""
+    low, high = _signed_nibbles(_blocks(packed, block_n))
+    n_pad = packed.shape[0]
+    return torch.cat((low, high), dim=2).transpose(1, 2).reshape(n_pad, -1)
+
+
+def _pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """K x N signed INT4 (any integer dtype) -> this machine's int4pack bytes, N padded."""
+    k, n = q.shape
+    codes = torch.full((-(-n // N_ALIGN) * N_ALIGN, k), 8, dtype=torch.int32)
+    codes[:n] = q.t() + 8
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # innerKTiles: unused on CPU
+
+
+@functools.cache
+def int4pack_block_n() -> int | None:
+    """The column block B of this machine's int4pack layout (64: AVX512, 32: AVX2), or None
+    where torch has no such op or packs in a layout this module does not know.
+
+    Packs a known random matrix and reads it back with each layout we know; the
+    dequantizing path and ``from_int4pack`` rely on it, so an unknown layout is refused
+    (``to_cpu_runtime`` then keeps the portable layout), never silently wrong weights.
+    """
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-8, 8, (64, 2 * N_ALIGN), generator=g, dtype=torch.int8)
+    try:
+        packed = _pack_codes(q)
+    except (AttributeError, RuntimeError):  # no such op in this torch / not on this CPU
+        return None
+    return next((b for b in (64, 32) if torch.equal(_int4pack_codes(packed, b).t(), q)), None)
+
+
+def _known_block_n() -> int:
+    block_n = int4pack_block_n()
+    if block_n is None:
+        raise RuntimeError(
+            "torch's int4pack CPU layout on this machine is none this module knows "
+            "(AVX512 or AVX2 blocks): keep the portable backends (cpu, reference)"
+        )
+    return block_n
+
+
+def to_int4pack(
+    qweight: torch.Tensor, scales: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Portable (qweight K_pad/2 x N uint8, scales K_pad/G x N fp16) -> the runtime layout.
+
+    Returns ``(packed, scale_zeros, residual)``: packed N_pad x K_pad/2 uint8 (N padded
+    to ``N_ALIGN`` with q = 0), scale_zeros K_pad/G x N_pad x 2 bf16 pairs (bf16(s), 0)
+    and residual K_pad/G x N_pad int8 with which ``from_int4pack`` restores s exactly.
+    Transient memory: the unpacked codes (int32, 4 B/param) of this one layer.
+    """
+    _known_block_n()  # refuse before converting on a machine whose layout we cannot read
+    n = qweight.shape[1]
+    packed = _pack_codes(unpack_int4(qweight))
+    exact = torch.nn.functional.pad(scales.float(), (0, packed.shape[0] - n), value=1.0)
+    high = exact.bfloat16()
+    residual = (exact.view(torch.int32) - high.float().view(torch.int32)) >> _RESIDUAL_SHIFT
+    scale_zeros = torch.stack((high, torch.zeros_like(high)), dim=-1)
+    return packed, scale_zeros, residual.to(torch.int8)  # |residual| <= 4: half a bf16 ulp
+
+
+def from_int4pack(
+    packed: torch.Tensor, scale_zeros: torch.Tensor, residual: torch.Tensor, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``to_int4pack``: the portable (qweight, scales), bit for bit."""
+    q = _int4pack_codes(packed, _known_block_n())[:out_features]
+    high = scale_zeros[..., 0].float().view(torch.int32)
+    exact = (high + (residual.to(torch.int32) << _RESIDUAL_SHIFT)).view(torch.float32)
+    return pack_int4(q.t().contiguous()), exact[:, :out_features].half().contiguous()
+
+
+def _dequantized_matmul(
+    a: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """a (M x K_pad, bf16) @ the int4pack weight, dequantized to bf16 a chunk of columns
+    at a time: W^T[k, n] = bf16(q * bf16(s)), then torch's bf16 matmul (AMX where the
+    CPU has it). -> M x N_pad bf16."""
+    block_n = _known_block_n()
+    blocks = _blocks(packed, block_n)
+    k_pad = blocks.shape[1]
+    scales = scale_zeros[..., 0]  # K_pad/G x N_pad, a strided view
+    step = max(1, DEQUANT_CHUNK_COLUMNS // block_n)
+    parts = []
+    for first in range(0, blocks.shape[0], step):
+        chunk = blocks[first : first + step]
+        low, high = _signed_nibbles(chunk)
+        columns = chunk.shape[0] * block_n
+        w = torch.empty(k_pad, chunk.shape[0], 2, block_n // 2, dtype=torch.bfloat16)
+        w[:, :, 0] = low.transpose(0, 1)
+        w[:, :, 1] = high.transpose(0, 1)
+        w = w.view(-1, group_size, columns)
+        w.mul_(scales[:, None, first * block_n : first * block_n + columns])
+        parts.append(a @ w.view(k_pad, columns))
+    return torch.cat(parts, dim=1)
+
+
+def w4a_gemm_int4pack(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale_zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
+    dequantize: bool | None = None,
+) -> torch.Tensor:
+    """x (M x K) @ a runtime-layout INT4 weight -> fp32 (M x N_pad), activations at ``bits``.
+
+    Args:
+        x: activations (any float dtype; computed in bf16, see the module doc).
+        packed, scale_zeros: from ``to_int4pack`` (the residual is not needed here).
+        dequantize: force (True) or forbid (False) the dequantize + matmul path;
+            None: from ``DEQUANT_MIN_ROWS`` rows on (``bench/kernels.py`` times both).
+    """
+    _check_bits(bits)
+    m, k = x.shape
+    k_pad = 2 * packed.shape[1]
+    if k_pad % group_size or not (k_pad - group_size < k <= k_pad):
+        raise ValueError(f"x has K={k}, the weight holds {k_pad} rows (group {group_size})")
+    if scale_zeros.dtype != torch.bfloat16:  # e.g. model.to(dtype) after the conversion
+        raise ValueError(f"scale_zeros must stay bf16 (the kernel's dtype), got {scale_zeros.dtype}")
+    x = torch.nn.functional.pad(x, (0, k_pad - k))
+    if bits < 16:
+        q, scale, zero = quantize_activations(x, bits)
+        a = (q - zero[:, None]).bfloat16()  # integers in [-255, 255]: exact in bf16
+    else:
+        a = x.bfloat16()
+    if dequantize is None:
+        dequantize = m >= DEQUANT_MIN_ROWS
+    if dequantize:
+        out = _dequantized_matmul(a, packed, scale_zeros, group_size).float()
+    else:
+        gemm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        out = gemm(a.contiguous(), packed, group_size, scale_zeros).float()
+    return out * scale[:, None] if bits < 16 else out

@@ -12,6 +12,8 @@ cache, the tiny checkpoint) go to pytest's temporary directories, never the user
 
 import itertools
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,3 +90,20 @@ def driver(ros, ros_namespace):
     d = Driver(ros_namespace)
     yield d
     d.node.destroy_node()
+
+
+RANDOM_7B_SHARD = "500MB"  # 7b with two layers: 3 GB in 7 shards, 0.5 GB in memory at a time
+
+
+@pytest.fixture(scope="session")
+def random_7b(tmp_path_factory):
+    """OpenVLA-7B files and widths with two LLM layers and random weights, written by
+    ``dyqvla-make-random`` in a process of its own (its peak RSS is the tool's alone);
+    (path, the tool's output). Deleted at the end of the session: 3 GB."""
+    path = tmp_path_factory.mktemp("random-7b") / "ckpt"
+    command = [sys.executable, "-m", "dyqvla_ros.tools.make_random", str(path)]
+    command += ["--size", "7b", "--layers", "2", "--seed", "3", "--max-shard-size", RANDOM_7B_SHARD]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=path.parent)
+    assert run.returncode == 0, run.stderr
+    yield path, run.stdout
+    shutil.rmtree(path, ignore_errors=True)

@@ -134,6 +134,7 @@ IMPORT_KEYS: dict[str, str | None] = {
     "PIL": "python3-pil",
     "transformers": "python3-transformers-pip",
     "timm": "python3-timm-pip",
+    "huggingface_hub": "python3-huggingface-hub-pip",
     "rosbags": "python3-rosbags-pip",
     "mujoco": "python3-mujoco-pip",
     "torch": None,

@@ -1,4 +1,5 @@
-"""Triton kernels vs their PyTorch references, under TRITON_INTERPRET=1 on the CPU."""
+"""Triton kernels vs their PyTorch references, under TRITON_INTERPRET=1 on the CPU; the
+cpu_int4 runtime layout and GEMM (``w4a_cpu``) vs the portable format and the reference."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import pytest
 import torch
 
 from dyqvla_ros.kernels.int4 import pack_int4, quantize_activations, unpack_int4
+from dyqvla_ros.kernels.w4a_cpu import (
+    INT4PACK_TOLERANCE,
+    from_int4pack,
+    to_int4pack,
+    w4a_gemm_int4pack,
+)
 from dyqvla_ros.kernels.w4a_gemm import (
     LaunchConfig,
     dequantize_int4,
@@ -180,3 +187,70 @@ def test_activation_quantizer_is_the_same_on_cuda_and_cpu(bits):
     x = activations(300, 4096, seed=10).bfloat16().float()
     for cpu, gpu in zip(quantize_activations(x, bits), quantize_activations(x.cuda(), bits), strict=True):
         assert torch.equal(cpu, gpu.cpu())
+
+
+# cpu_int4: N not a multiple of 16 / 64 and K not of the group exercise the padding.
+INT4PACK_SHAPES = [*SHAPES, (130, 200, 300, 128)]
+
+
+@pytest.mark.parametrize("k, n, group", [(128, 64, 128), (100, 45, 32), (300, 200, 64), (256, 4304, 128)])
+def test_int4pack_conversion_is_lossless(k, n, group):
+    """Portable -> runtime -> portable gives back both tensors bit for bit (so does their
+    dequantization); and every scale the kernel reads is bf16(s), within 2^-8 of s (half a bf16 ulp)."""
+    qweight, scales = random_weights(k, n, group, seed=k + n)
+    scales[0, :3] = torch.tensor([6.1e-5, 1.0, 0.0999])  # subnormal-edge, exact, 3 low bits set
+    packed, scale_zeros, residual = to_int4pack(qweight, scales)
+    n_pad = -(-n // 64) * 64
+    assert packed.shape == (n_pad, qweight.shape[0]) and packed.dtype == torch.uint8
+    assert scale_zeros.shape == (*scales.shape[:1], n_pad, 2) and scale_zeros.dtype == torch.bfloat16
+    assert residual.dtype == torch.int8 and residual.abs().max() <= 4
+    back_q, back_s = from_int4pack(packed, scale_zeros, residual, n)
+    assert back_q.dtype == torch.uint8 and back_s.dtype == torch.float16
+    assert torch.equal(back_q, qweight) and torch.equal(back_s, scales)
+    assert back_q.is_contiguous() and back_s.is_contiguous()  # as saved files need them
+    assert torch.equal(
+        dequantize_int4_reference(back_q, back_s, group), dequantize_int4_reference(qweight, scales, group)
+    )
+    assert not scale_zeros[..., 1].any()  # symmetric: every zero point is 0
+    bf16_error = (scale_zeros[:, :n, 0].float() - scales.float()).abs() / scales.float()
+    assert bf16_error.max() <= 2**-8
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["int4-mm", "dequantize"])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4pack_gemm_reads_the_portable_codes(group, dequantize):
+    """x = I reads the weight each path multiplies: exactly bf16(q * bf16(s)) of the portable
+    codes (the kernel's u - 8 convention, the layout and the zero points are all right)."""
+    k, n = 2 * group, 80
+    qweight, scales = random_weights(k, n, group, seed=group)
+    packed, scale_zeros, _ = to_int4pack(qweight, scales)
+    seen = w4a_gemm_int4pack(torch.eye(k), packed, scale_zeros, 16, group, dequantize)[:, :n]
+    expected = dequantize_int4_reference(qweight, scales.bfloat16().float(), group, torch.bfloat16)
+    assert torch.equal(seen, expected.float())
+
+
+@pytest.mark.parametrize("dequantize", [False, True], ids=["int4-mm", "dequantize"])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m, n, k, group", INT4PACK_SHAPES)
+def test_int4pack_gemm_within_tolerance_of_reference(m, n, k, group, bits, dequantize):
+    """Float math on the same quantized values: within INT4PACK_TOLERANCE (measured <= 6.9e-3,
+    kernels/w4a_cpu.py) of the reference, fp32 and bf16 activations, both paths."""
+    qweight, scales = random_weights(k, n, group, seed=m * 1000 + n)
+    packed, scale_zeros, _ = to_int4pack(qweight, scales)
+    for x in (activations(m, k, seed=k), activations(m, k, seed=k).bfloat16()):
+        ref = w4a_gemm_reference(x, qweight, scales, bits, group)
+        out = w4a_gemm_int4pack(x, packed, scale_zeros, bits, group, dequantize)
+        assert out.shape == (m, packed.shape[0]) and out.dtype == torch.float32
+        error = ((out[:, :n] - ref).abs().max() / ref.abs().max()).item()
+        assert error < INT4PACK_TOLERANCE, f"{x.dtype}: relative error {error:.2e}"
+
+
+def test_int4pack_gemm_rejects_bad_operands():
+    qweight, scales = random_weights(128, 64, 64, seed=7)
+    packed, scale_zeros, _ = to_int4pack(qweight, scales)
+    with pytest.raises(ValueError, match="bits"):
+        w4a_gemm_int4pack(torch.randn(2, 128), packed, scale_zeros, 3, 64)
+    with pytest.raises(ValueError, match="K=64"):
+        w4a_gemm_int4pack(torch.randn(2, 64), packed, scale_zeros, 8, 64)
+    with pytest.raises(ValueError, match="must stay bf16"):
+        w4a_gemm_int4pack(torch.randn(2, 128), packed, scale_zeros.float(), 16, 64)

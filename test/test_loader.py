@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dyqvla_ros.model import CheckpointError, LoadedOpenVLA, VLAPolicy, load_openvla
 from dyqvla_ros.model import loader as loader_module
-from dyqvla_ros.model.loader import default_cache_dir, load_quantized_openvla
+from dyqvla_ros.model.loader import default_cache_dir, inspect_checkpoint, load_quantized_openvla
 from dyqvla_ros.model.tiny import TINY_ACTION_STATS, TINY_UNNORM_KEY
-from dyqvla_ros.quant import QuantLinear
+from dyqvla_ros.quant import QuantLinear, quantize_model, save_quantized
 
 INSTRUCTION = "put the red cube on the blue target"
 N_SHARDS = 3
@@ -73,12 +74,12 @@ def sharded_dir(tiny_openvla, tmp_path_factory) -> Path:
 
 
 def packed(loaded: LoadedOpenVLA) -> dict[str, torch.Tensor]:
-    """Every QuantLinear's packed weights and scales, by name."""
+    """Every QuantLinear's packed weights and scales (portable layout), by name."""
     buffers = {
-        f"{name}.{buffer}": getattr(module, buffer)
+        f"{name}.{buffer}": tensor
         for name, module in loaded.model.named_modules()
         if isinstance(module, QuantLinear)
-        for buffer in ("qweight", "scales")
+        for buffer, tensor in zip(("qweight", "scales"), module.portable_tensors(), strict=True)
     }
     assert buffers, "the model is quantized"
     return buffers
@@ -101,7 +102,7 @@ def forbid_full_precision_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("the full-precision weights were read")
 
-    for name in ("read_tensors", "load_openvla", "load_file"):
+    for name in ("read_tensors", "load_openvla", "read_each", "_stream_into", "quantize_weight"):
         monkeypatch.setattr(loader_module, name, refuse)
 
 
@@ -150,7 +151,7 @@ def test_sharded_checkpoint_errors_are_specific(sharded_dir, tmp_path):
     cases = {
         re.escape(f"is missing weight shards: ['{shard_name(2)}']"): lambda p: (p / shard_name(2)).unlink(),
         re.escape(f"1 tensors missing from the checkpoint, e.g. ['{in_shard_2}']"): drop_tensor,
-        re.escape("1 tensors the model does not have, e.g. ['projector.fc4.weight']"): extra_tensor,
+        re.escape("tensor 'projector.fc4.weight' is not a parameter of this model"): extra_tensor,
         "has no weight_map": lambda p: (p / INDEX).write_text(json.dumps({"metadata": {}})),
     }
     for i, (message, damage) in enumerate(cases.items()):
@@ -211,6 +212,98 @@ def test_dataset_statistics_json_wins_over_config_json(tiny_openvla, tmp_path):
 
 
 # --- the quantized-weights cache ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_quantization_is_load_then_quantize_bit_for_bit(sharded_dir, tmp_path, dtype):
+    """Quantizing each tensor as it is read gives the file load-then-quantize gives: every
+    packed weight, scale and full-precision tensor, bit for bit."""
+    streamed = load_quantized_openvla(sharded_dir, dtype=dtype, cache_dir=tmp_path / "cache")
+    layers = [m for m in streamed.model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(layer.cpu_runtime for layer in layers)  # the CPU kernel's layout, in place
+    whole = load_openvla(sharded_dir, dtype=dtype)
+    quantize_model(whole.model, 128, include=loader_module.quantization_patterns(False))
+    save_quantized(whole.model, tmp_path / "whole.safetensors")
+    assert_same_tensors(
+        load_file(str(streamed.quantized_cache)), load_file(str(tmp_path / "whole.safetensors"))
+    )
+    with (
+        safe_open(str(streamed.quantized_cache), "pt") as a,
+        safe_open(str(tmp_path / "whole.safetensors"), "pt") as b,
+    ):
+        assert a.metadata() == b.metadata()
+    assert_same_tensors(
+        packed(streamed), {k: v for k, v in whole.model.state_dict().items() if k in packed(streamed)}
+    )
+    # and, independently of the loader, from the files: cast, then quantized per layer
+    expected = {}
+    for shard in sorted(sharded_dir.glob("model-*.safetensors")):
+        for name, tensor in load_file(str(shard)).items():
+            module = name.removesuffix(".weight")
+            if f"{module}.qweight" in packed(streamed):
+                linear = torch.nn.Linear(*reversed(tensor.shape), bias=False)
+                linear.weight.data = tensor.to(dtype)
+                reference = QuantLinear.from_linear(linear, 128)
+                expected[f"{module}.qweight"], expected[f"{module}.scales"] = (
+                    reference.qweight,
+                    reference.scales,
+                )
+            else:
+                expected[name] = tensor.to(dtype)
+    assert_same_tensors(load_file(str(streamed.quantized_cache)), expected)
+
+
+def test_streamed_7b_width_checkpoint_quantizes_as_load_then_quantize(random_7b, tmp_path):
+    """OpenVLA-7B widths (2 LLM layers, real vision towers, 3 GB of bf16 shards): each packed
+    layer is ``QuantLinear.from_linear`` of the file's weight in the load dtype, and every
+    other tensor the file's, cast: what load-then-quantize gives, without loading it whole."""
+    path, _ = random_7b
+    streamed = load_quantized_openvla(path, cache_dir=tmp_path)
+    assert streamed.model.language_model.config.hidden_size == 4096
+    cached = load_file(str(streamed.quantized_cache))
+    layers = {n: m for n, m in streamed.model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(layers) == 2 * 7
+    for name, tensor, _file in loader_module.read_each(inspect_checkpoint(path).weight_files):
+        module_name = name.removesuffix(".weight")
+        if module_name in layers:
+            linear = torch.nn.Linear(*reversed(tensor.shape), bias=False)
+            linear.weight.data = tensor.float()
+            reference = QuantLinear.from_linear(linear, 128)
+            assert torch.equal(cached[f"{module_name}.qweight"], reference.qweight), name
+            assert torch.equal(cached[f"{module_name}.scales"], reference.scales), name
+            qweight, scales = layers[module_name].portable_tensors()  # back from the CPU layout
+            assert torch.equal(qweight, reference.qweight) and torch.equal(scales, reference.scales)
+        else:
+            assert cached[name].dtype == torch.float32 and torch.equal(cached[name], tensor.float()), name
+
+
+def test_default_dtype_is_bf16_for_a_7b_on_the_cpu_fp32_for_the_tiny_policy(tiny_openvla, random_7b):
+    assert loader_module.default_dtype(tiny_openvla, "cpu") == torch.float32
+    assert loader_module.default_dtype(random_7b[0], "cpu") == torch.bfloat16  # 1.4B parameters
+    assert loader_module.default_dtype(tiny_openvla, "cuda") == torch.bfloat16
+
+
+def test_truncated_or_misshapen_tensors_name_the_tensor_and_the_file(sharded_dir, tmp_path):
+    weight_map = json.loads((sharded_dir / INDEX).read_text())["weight_map"]
+    cut = tmp_path / "cut"
+    shutil.copytree(sharded_dir, cut)
+    shard = cut / weight_map[f"{Q_PROJ}.weight"]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(shard.name)} is not a readable .*truncated: tensor '"
+    ):
+        load_quantized_openvla(cut, cache_dir=tmp_path / "cache")
+    wrong = tmp_path / "wrong"
+    shutil.copytree(sharded_dir, wrong)
+    shard = wrong / weight_map[f"{Q_PROJ}.weight"]
+    tensors = load_file(str(shard))
+    tensors[f"{Q_PROJ}.weight"] = tensors[f"{Q_PROJ}.weight"][:, :-2].contiguous()
+    save_file(tensors, str(shard))
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(shard.name)}: tensor '{Q_PROJ}.weight' has shape"
+    ):
+        load_quantized_openvla(wrong, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.safetensors"))  # nothing cached from a broken checkpoint
 
 
 def test_quantized_cache_is_written_once_then_read_without_the_full_precision_weights(

@@ -183,6 +183,7 @@ def test_calibration_file_overrides_thresholds(tmp_path):
     "changes, message",
     [
         ({"device": "tpu"}, "'device' must be one of"),
+        ({"dtype": "float16"}, "'dtype' must be one of"),
         ({"prefill_bits": "3"}, "'prefill_bits' must be one of"),
         ({"action_decoding": "sample"}, "'action_decoding' must be empty or one of"),
         ({"group_size": 48}, "'group_size' must be 32, 64 or 128"),

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+import dyqvla_ros.kernels.w4a_cpu as w4a_cpu
+import dyqvla_ros.quant as quant
+from dyqvla_ros.kernels.w4a_cpu import INT4PACK_TOLERANCE
 from dyqvla_ros.quant import (
     Backend,
     QuantLinear,
@@ -20,6 +25,7 @@ from dyqvla_ros.quant import (
     quantize_weight,
     save_quantized,
     set_activation_bits,
+    to_cpu_runtime,
     weight_bytes,
 )
 
@@ -249,3 +255,90 @@ def test_bad_quantized_files_are_rejected(tmp_path):
     )
     with pytest.raises(ValueError, match=r"'language_model\.nope' is not a linear layer"):
         load_quantized(Toy(), wrong)
+
+
+def test_cpu_runtime_replaces_the_portable_tensors():
+    """One copy: the portable buffers are gone (freed), the runtime ones are not saved
+    state, and the layer holds 0.5 + 5 / G B/param (0.539 at G = 128)."""
+    layer = QuantLinear.from_linear(nn.Linear(1024, 768, bias=False), 128)
+    portable = (weakref.ref(layer.qweight), weakref.ref(layer.scales))
+    assert to_cpu_runtime(layer) is layer and layer.cpu_runtime
+    assert all(ref() is None for ref in portable)  # freed, not kept beside the runtime layout
+    assert not hasattr(layer, "qweight") and not hasattr(layer, "scales")
+    assert set(layer.state_dict()) == set()  # the machine's layout is never state
+    assert weight_bytes(layer)["total"] / (1024 * 768) == 0.5 + 5 / 128
+    to_cpu_runtime(layer)  # idempotent
+    assert layer.cpu_runtime and "layout=cpu_int4" in repr(layer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int4_layer_within_tolerance_of_the_reference(dtype):
+    """Ragged K (200, padded to 256) and N (96, padded to 128), a bias, 3-D input: every
+    bit-width within the GEMM's tolerance of the reference (bf16: + both outputs' rounding)."""
+    torch.manual_seed(4)
+    linear = nn.Linear(200, 96).to(dtype)
+    reference = QuantLinear.from_linear(linear, 64, backend="reference")
+    ours = to_cpu_runtime(QuantLinear.from_linear(linear, 64))
+    x = torch.randn(2, 3, 200, dtype=dtype)
+    x[..., ::40] *= 25  # outlier channels
+    bound = INT4PACK_TOLERANCE + (2**-7 if dtype == torch.bfloat16 else 0.0)
+    for bits in (2, 4, 8, 16):
+        reference.precision.set(bits)
+        ours.precision.set(bits)
+        expected, out = reference(x).float(), ours(x)
+        assert out.dtype == dtype and out.shape == (2, 3, 96)
+        assert ((out.float() - expected).abs().max() / expected.abs().max()).item() < bound
+
+
+def test_auto_backend_runs_cpu_int4_on_converted_layers():
+    """auto picks cpu_int4 for every M once converted; to_cpu_runtime leaves layers pinned to
+    a portable backend alone; a backend the layout cannot serve is a clear error."""
+    model = quantize_model(Toy())
+    model.language_model["mlp"].backend = Backend.REFERENCE
+    q_proj = model.language_model["q_proj"]
+    with pytest.raises(ValueError, match=r"call to_cpu_runtime\(model\) first"):
+        QuantLinear.from_linear(nn.Linear(64, 64), 32, backend="cpu_int4")(torch.zeros(1, 64))
+    to_cpu_runtime(model)
+    assert q_proj.cpu_runtime and not model.language_model["mlp"].cpu_runtime
+    for rows in (1, 16, 17, 280):
+        assert q_proj.backend_for(torch.zeros(rows, 64)) is Backend.CPU_INT4
+    assert model.language_model["mlp"].backend_for(torch.zeros(1, 64)) is Backend.REFERENCE
+    model(torch.randn(4, 32))  # mixed layouts run side by side
+    q_proj.backend = Backend.CPU
+    with pytest.raises(ValueError, match="runtime layout: it runs cpu_int4 on the CPU only, not cpu"):
+        q_proj(torch.zeros(1, 64))
+
+
+def test_save_after_cpu_runtime_writes_the_same_portable_file(tmp_path):
+    """save_quantized converts the runtime layout back bit for bit: the same tensors and
+    metadata as before the conversion (in another order in the file), and the file loads
+    and runs like the original."""
+    torch.manual_seed(5)
+    model = quantize_model(Toy(), group_size=64)
+    before, after = tmp_path / "before.safetensors", tmp_path / "after.safetensors"
+    save_quantized(model, before)
+    x = torch.randn(4, 32)
+    expected = model(x)
+    save_quantized(to_cpu_runtime(model), after)
+    assert model.language_model["q_proj"].cpu_runtime  # saving does not convert the model
+    saved, resaved = load_file(str(before)), load_file(str(after))
+    assert saved.keys() == resaved.keys()
+    assert all(saved[k].dtype == resaved[k].dtype and torch.equal(saved[k], resaved[k]) for k in saved)
+    with safe_open(str(before), "pt") as f, safe_open(str(after), "pt") as g:
+        assert f.metadata() == g.metadata()
+    assert torch.equal(load_quantized(Toy(), after)(x), expected)
+
+
+def test_cpu_runtime_keeps_portable_layers_where_the_int4_kernel_is_unavailable(monkeypatch, caplog):
+    """Another CPU or torch (no op, unknown layout): a warning and the portable backends,
+    not a failed load; converting one layer explicitly is refused."""
+    monkeypatch.setattr(quant, "int4pack_block_n", lambda: None)
+    monkeypatch.setattr(w4a_cpu, "int4pack_block_n", lambda: None)
+    model = quantize_model(Toy())
+    with caplog.at_level("WARNING", logger="dyqvla_ros.quant"):
+        to_cpu_runtime(model)
+    assert "stay portable" in caplog.text
+    assert not model.language_model["q_proj"].cpu_runtime
+    assert model.language_model["q_proj"].backend_for(torch.zeros(1, 64)) is Backend.REFERENCE
+    with pytest.raises(RuntimeError, match="keep the portable backends"):
+        model.language_model["q_proj"].to_cpu_runtime_()

@@ -7,28 +7,42 @@ A directory as published (``openvla/openvla-7b``) or as ``dyqvla-make-tiny`` wri
     tokenizer.json / tokenizer.model    + tokenizer_config.json
     dataset_statistics.json             un-normalisation statistics (else config.norm_stats)
 
-The model is built on the meta device and the tensors are assigned in place, so a 7B
-checkpoint needs its own size in memory once. ``trust_remote_code`` is never used.
+The model is built on the meta device and filled one tensor at a time
+(``tensor_files.read_each``): each is read, cast to the model's dtype, moved to the
+device and, for a linear of the quantized scope, quantized to INT4 at once (on the target
+device), so neither the checkpoint nor the full-precision model is ever resident; the
+peak is the loaded model plus one tensor. ``trust_remote_code`` is never used.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dyqvla_ros.model.config import OpenVLAConfig, UnsupportedConfigError
 from dyqvla_ros.model.modeling import OpenVLA
-from dyqvla_ros.quant import FORMAT_VERSION, load_quantized, quantize_model, save_quantized
+from dyqvla_ros.quant import (
+    FORMAT_VERSION,
+    QuantLinear,
+    empty_quantized_layers,
+    load_quantized,
+    quantize_weight,
+    save_quantized,
+    to_cpu_runtime,
+)
+from dyqvla_ros.tensor_files import TensorFileError, assign_tensor, read_each
 
 log = logging.getLogger(__name__)
 
@@ -82,37 +96,63 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _each_tensor(files: list[Path]):
+    try:
+        yield from read_each(files)
+    except TensorFileError as err:
+        raise CheckpointError(str(err)) from err
+
+
 def read_tensors(files: list[Path], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Every tensor of the (sharded) weight files, floating ones cast to ``dtype`` (None: as stored)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            part = load_file(str(file))
-        except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"{file} is not a readable safetensors file: {err}") from err
-        for name, tensor in part.items():
-            tensors[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-    return tensors
+    """Every tensor of the (sharded) weight files, floating ones cast to ``dtype`` (None: as
+    stored), all at once: for training, which needs them together anyway."""
+    return {
+        name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        for name, tensor, _file in _each_tensor(files)
+    }
 
 
-def _check_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+def _stream_into(
+    model: nn.Module,
+    shapes: dict[str, torch.Size],
+    files: list[Path],
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> int:
+    """Fill ``model`` (on the meta device; the linears to quantize already empty QuantLinear)
+    from the weight files one tensor at a time; ``shapes``: the unquantized model's state dict.
+
+    Each floating tensor is cast to ``dtype`` first and then, for a QuantLinear's weight,
+    quantized: exactly what loading in ``dtype`` and then ``quantize_model`` computes.
+    Returns the number of tensors read.
+    """
+    placed: set[str] = set()
+    for name, tensor, file in _each_tensor(files):
+        expected = shapes.get(name)
+        if expected is None:
+            raise CheckpointError(f"{file}: tensor {name!r} is not a parameter of this model")
+        if tensor.shape != expected:
+            shape = tuple(tensor.shape)
+            raise CheckpointError(
+                f"{file}: tensor {name!r} has shape {shape}, the model expects {tuple(expected)}"
+            )
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensor = tensor.to(device)
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, QuantLinear) and attr == "weight":
+            module.qweight, module.scales = quantize_weight(tensor, module.group_size)
+        else:
+            assign_tensor(model, name, tensor)
+        placed.add(name)
+    missing = sorted(set(shapes) - placed)
     if missing:
         raise CheckpointError(
             f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:3]}"
         )
-    if unexpected:
-        raise CheckpointError(
-            f"{path}: {len(unexpected)} tensors the model does not have, e.g. {unexpected[:3]}"
-        )
-    for name, tensor in tensors.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(expected[name].shape)}"
-            )
+    return len(placed)
 
 
 def rebuild_rotary(model: OpenVLA, device: str | torch.device = "cpu") -> None:
@@ -153,6 +193,58 @@ def inspect_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(config, norm_stats, _weight_files(path))
 
 
+# glibc's mallopt parameter for the size from which allocations are mapped on their own.
+M_MMAP_THRESHOLD = -3
+LOAD_MMAP_THRESHOLD = 1 << 20
+# After loading: glibc's own adaptive threshold settles at its maximum, 32 MiB on 64-bit
+# systems, once a large block has been freed; set it there at once.
+RUN_MMAP_THRESHOLD = 32 << 20
+
+
+@contextlib.contextmanager
+def _large_frees_returned() -> Iterator[None]:
+    """While loading, glibc maps every allocation of 1 MiB or more on its own (``mallopt``),
+    so that a freed tensor goes back to the system at once. Loading frees large tensors all
+    along (each read copy, the portable layout of each layer moved to the CPU kernel's); by
+    default glibc keeps them as heap holes that the next, slightly larger tensor cannot
+    reuse. Measured on the 7B (bench/load_7b.py): peak RSS of a cold load 7.03 -> 6.31 GiB,
+    of a cached reload 6.56 -> 6.28 GiB. Running with it would map and fault in every
+    large activation of every step (the 7B's CPU prefill took 19.3 s instead of 10.2), so
+    the threshold then goes to 32 MiB, where glibc's adaptive one settles by itself. A
+    no-op where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, RUN_MMAP_THRESHOLD)
+
+
+# From this many parameters the CPU runs the unquantized parts in bf16 (``default_dtype``).
+BF16_ON_CPU_FROM_PARAMETERS = 10**9
+
+
+def default_dtype(path: str | Path, device: str | torch.device) -> torch.dtype:
+    """The dtype of the unquantized parts (vision towers, projector, embeddings, lm_head).
+
+    bf16 on CUDA, as OpenVLA. On the CPU, measured (BENCHMARKS.md [L]): bf16 matmuls run
+    5.1-6.6x faster than fp32 at OpenVLA-7B's vision and prefill shapes (AMX) and halve
+    the 4.3 GB those parts take in fp32, which a 7B needs to load within 8 GB; on the tiny
+    tabletop policy bf16 gains nothing (21-22 ms per step either way) and changes 1.1 % of
+    the 16-bit action tokens (10 % at 4 bits). So: bf16 for models of
+    ``BF16_ON_CPU_FROM_PARAMETERS`` or more, fp32 below.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    model = build_model(inspect_checkpoint(Path(path).expanduser()).config)  # meta: no memory
+    count = sum(p.numel() for p in model.parameters())
+    return torch.bfloat16 if count >= BF16_ON_CPU_FROM_PARAMETERS else torch.float32
+
+
 def _load_tokenizer(path: Path, config: OpenVLAConfig) -> PreTrainedTokenizerBase:
     try:
         # config= keeps transformers from reading config.json as a model config of its own.
@@ -178,12 +270,12 @@ def load_openvla(
     path = Path(path).expanduser()
     checkpoint = inspect_checkpoint(path)
     model = build_model(checkpoint.config)
-    tensors = read_tensors(checkpoint.weight_files, dtype)
-    _check_state(model, tensors, path)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    _finish(model, device, path)
+    shapes = {name: t.shape for name, t in model.state_dict().items()}
+    with _large_frees_returned():
+        count = _stream_into(model, shapes, checkpoint.weight_files, path, dtype, torch.device(device))
+        _finish(model, device, path)
     tokenizer = _load_tokenizer(path, checkpoint.config)
-    log.info("loaded OpenVLA from %s (%d tensors) on %s", path, len(tensors), device)
+    log.info("loaded OpenVLA from %s (%d tensors) on %s", path, count, device)
     return LoadedOpenVLA(model, tokenizer, checkpoint.config, checkpoint.norm_stats, path)
 
 
@@ -218,28 +310,35 @@ def load_quantized_openvla(
 ) -> LoadedOpenVLA:
     """``load_openvla`` + W4 quantization, quantized once and then reloaded fast.
 
-    The first call quantizes the loaded model and saves it (``quant.save_quantized``)
-    under ``cache_dir``, keyed by the checkpoint's files and the settings; later calls
-    build the model on the meta device and assign the packed weights from that file,
-    without reading the full-precision weights or re-quantizing.
+    The first call streams the checkpoint, quantizing each linear of the scope as it is
+    read (``_stream_into``: the full-precision model is never resident), and writes the
+    packed model (``quant.save_quantized``, one tensor at a time) under ``cache_dir``,
+    keyed by the checkpoint's files and the settings; later calls build the model on the
+    meta device and read the packed weights from that file, one tensor at a time. On a
+    CPU device the packed weights then move to the CPU int4 kernel's layout
+    (``quant.to_cpu_runtime``, in place); the file keeps the portable format.
     """
     path = Path(path).expanduser()
     checkpoint = inspect_checkpoint(path)
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     cached = cache_dir / f"{path.name}-w4-{_cache_key(path, group_size, quantize_vision, dtype)}.safetensors"
     patterns = quantization_patterns(quantize_vision)
-    if cached.is_file():
-        model = build_model(checkpoint.config).to(dtype)  # the dtype the entry was written in
-        load_quantized(model, cached, backend=backend)
+    device = torch.device(device)
+    from_cache = cached.is_file()
+    model = build_model(checkpoint.config)
+    with _large_frees_returned():
+        if from_cache:
+            model.to(dtype)  # the dtype the entry was written in
+            load_quantized(model, cached, backend=backend, device=device)
+        else:
+            shapes = {name: t.shape for name, t in model.state_dict().items()}
+            empty_quantized_layers(model, group_size, include=patterns, backend=backend)
+            _stream_into(model, shapes, checkpoint.weight_files, path, dtype, device)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            save_quantized(model, cached)
+            log.info("quantized %s (group %d) and cached it at %s", path, group_size, cached)
         _finish(model, device, path)
-        log.info("loaded quantized OpenVLA from cache %s", cached)
-        tokenizer = _load_tokenizer(path, checkpoint.config)
-        return LoadedOpenVLA(model, tokenizer, checkpoint.config, checkpoint.norm_stats, path, cached, True)
-    loaded = load_openvla(path, "cpu", dtype)
-    quantize_model(loaded.model, group_size, include=patterns, backend=backend)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    save_quantized(loaded.model, cached)
-    log.info("quantized %s (group %d) and cached it at %s", path, group_size, cached)
-    loaded.model.to(torch.device(device))
-    loaded.quantized_cache = cached
-    return loaded
+        if device.type == "cpu":
+            to_cpu_runtime(model)
+    tokenizer = _load_tokenizer(path, checkpoint.config)
+    return LoadedOpenVLA(model, tokenizer, checkpoint.config, checkpoint.norm_stats, path, cached, from_cache)
