@@ -378,7 +378,16 @@ def test_loader_errors_are_specific(tiny_dir, tmp_path):
         tensors["projector.fc4.bias"] = tensors.pop("projector.fc3.bias")
         save_file(tensors, str(p / "model.safetensors"))
 
-    cases[r"1 tensors missing from the checkpoint, e.g. \['projector.fc3.bias'\]"] = rename
+    cases[re.escape("model.safetensors: tensor 'projector.fc4.bias' is not a parameter of this model")] = (
+        rename
+    )
+
+    def drop(p: Path) -> None:
+        tensors = load_file(str(p / "model.safetensors"))
+        del tensors["projector.fc3.bias"]
+        save_file(tensors, str(p / "model.safetensors"))
+
+    cases[r"1 tensors missing from the checkpoint, e.g. \['projector.fc3.bias'\]"] = drop
 
     for i, (message, damage) in enumerate(cases.items()):
         broken = copy_checkpoint(tiny_dir, tmp_path / f"case{i}")
