@@ -77,7 +77,7 @@ from std_msgs.msg import String, UInt64
 from std_srvs.srv import SetBool, Trigger
 
 from dyqvla_ros import messages
-from dyqvla_ros.action_adapter import ActionAdapter, AdapterSettings, clip_bounds
+from dyqvla_ros.action_adapter import ActionAdapter, AdapterSettings, Command, clip_bounds
 from dyqvla_ros.calibration import THRESHOLD_KEYS
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.health import NodeHealth, achieved_rate, assess
@@ -139,8 +139,6 @@ class _StepSettings:
     """What a step needs of the parameters, fixed when it starts."""
 
     params: PolicyParams
-    low: np.ndarray
-    high: np.ndarray
     publish_commands: bool
 
 
@@ -228,7 +226,6 @@ class PolicyNode(LifecycleNode):
         self.policy: VLAPolicy | None = None
         self.controller: PrecisionController | None = None
         self.fk: ForwardKinematics | None = None
-        self.low = self.high = np.zeros(ACTION_DIM)
         self.adapter: ActionAdapter | None = None  # with the model's clip bounds, at configure
         self.pose_delta = PoseDelta(self.params.max_ee_speed_mps)
         self._min_side = 1  # the model's patch, once loaded
@@ -314,8 +311,7 @@ class PolicyNode(LifecycleNode):
             self.params = self._declared.validate()  # re-reads the calibration file
             self.policy = self._load_policy()
             self.controller = self._controller(self.params)
-            self.low, self.high = self._clip_bounds(self.params)
-            self.adapter = ActionAdapter(self.params.adapter_settings, self.low, self.high)
+            self.adapter = ActionAdapter(self.params.adapter_settings, *self._clip_bounds(self.params))
             p = self.params
             if p.kinematic_source == "joint_states":
                 self.fk = ForwardKinematics(p.urdf_path, p.ee_link)
@@ -475,10 +471,9 @@ class PolicyNode(LifecycleNode):
         if self.policy is not None:
             self.policy.lowercase_instruction = new.lowercase_instruction
             self.policy.preprocess.center_crop = new.center_crop
-            self.low, self.high = self._clip_bounds(new)
             if changed & ADAPTER_PARAMETERS:
                 with self._lock:  # a new adapter: the gripper state restarts from open
-                    self.adapter = ActionAdapter(new.adapter_settings, self.low, self.high)
+                    self.adapter = ActionAdapter(new.adapter_settings, *self._clip_bounds(new))
         self.pose_delta.max_speed_mps = new.max_ee_speed_mps
         if "control_rate_hz" in changed and self._timer is not None:
             self.destroy_timer(self._timer)
@@ -763,7 +758,7 @@ class PolicyNode(LifecycleNode):
         if self._stepping_since is None:
             self._stepping_since = started
         p = self.params
-        settings = _StepSettings(p, self.low, self.high, not p.dry_run)
+        settings = _StepSettings(p, not p.dry_run)
         request = _StepRequest(self._step)
         job = _StepJob(frame.value, instruction, started, frame.stamp, request, settings, self._episode)
         with self._lock:
@@ -870,7 +865,7 @@ class PolicyNode(LifecycleNode):
             return self.fk.pose(*joints.value)[0]
         return None
 
-    def _count_limits(self, command) -> None:
+    def _count_limits(self, command: Command) -> None:
         c = self.counters
         c.translation_capped += command.translation_capped
         c.rotation_capped += command.rotation_capped
