@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -329,20 +330,31 @@ def quantize_model(
         backend: ``auto``, ``triton``, ``cpu``, ``cpu_int4`` (after ``to_cpu_runtime``)
             or ``reference``.
     """
+    replaced = _install_quant_linears(model, group_size, include, skip, QuantLinear.from_linear, backend)
+    log.info("quantized %d linear layers to INT4 (group %d)", len(replaced), group_size)
+    return model
+
+
+def _install_quant_linears(
+    model: nn.Module,
+    group_size: int,
+    include: Iterable[str] | None,
+    skip: Iterable[str],
+    make: Callable[..., QuantLinear],
+    backend: Backend | str,
+) -> list[str]:
+    """Replace the selected linears by ``make(linear, group_size, precision, backend)``,
+    all sharing the model's activation precision; the names replaced."""
     _check_group_size(group_size)
     backend = Backend(backend)
     precision = getattr(model, "dyqvla_precision", None) or ActivationPrecision()
     replaced = _replace_linears(
-        model,
-        lambda _name, linear: QuantLinear.from_linear(linear, group_size, precision, backend),
-        include,
-        skip,
+        model, lambda _name, linear: make(linear, group_size, precision, backend), include, skip
     )
     if not replaced:
         raise ValueError("quantize_model found no nn.Linear layer to quantize")
     model.dyqvla_precision = precision
-    log.info("quantized %d linear layers to INT4 (group %d)", len(replaced), group_size)
-    return model
+    return replaced
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -438,10 +450,14 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
         specs[f"{name}.qweight"] = (torch.uint8, (k_pad // 2, layer.out_features))
         specs[f"{name}.scales"] = (torch.float16, (k_pad // layer.group_size, layer.out_features))
 
+    @functools.lru_cache(maxsize=1)  # qweight then scales of a layer: converted back once
+    def portable(layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return runtime[layer_name].portable_tensors()
+
     def fetch(name: str) -> torch.Tensor:
         layer_name, _, buffer = name.rpartition(".")
         if layer_name in runtime and buffer in ("qweight", "scales"):  # not its bias
-            return runtime[layer_name].portable_tensors()[("qweight", "scales").index(buffer)]
+            return portable(layer_name)[("qweight", "scales").index(buffer)]
         return state[name]
 
     write_tensors(Path(path), specs, fetch, metadata)
@@ -523,18 +539,7 @@ def empty_quantized_layers(
     include: Iterable[str] | None = None,
     skip: Iterable[str] = ("*lm_head",),
     backend: Backend | str = Backend.AUTO,
-) -> dict[str, QuantLinear]:
+) -> None:
     """Replace the linears ``quantize_model`` would quantize by unfilled QuantLinear layers
     on their device (meta, for a loader that fills them as it reads the checkpoint)."""
-    _check_group_size(group_size)
-    precision = getattr(model, "dyqvla_precision", None) or ActivationPrecision()
-    replaced = _replace_linears(
-        model,
-        lambda _name, linear: QuantLinear.shaped_like(linear, group_size, precision, Backend(backend)),
-        include,
-        skip,
-    )
-    if not replaced:
-        raise ValueError("no nn.Linear layer to quantize")
-    model.dyqvla_precision = precision
-    return {name: model.get_submodule(name) for name in replaced}
+    _install_quant_linears(model, group_size, include, skip, QuantLinear.shaped_like, backend)
