@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 ACTIVATION_BITS = (2, 4, 8)
+ACTIVATION_SCALES = ("token", "group")  # one Eq. 2 range per token, or per token and weight group
 INT4_MIN, INT4_MAX = -8, 7
 
 
@@ -40,8 +41,12 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=1).reshape(2 * packed.shape[0], packed.shape[1])
 
 
-def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (row) dynamic asymmetric quantization, paper Eq. 2, in fp32.
+def quantize_activations(
+    x: torch.Tensor, bits: int, group_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (row) dynamic asymmetric quantization, paper Eq. 2, in fp32; with
+    ``group_size``, per token *and* group of ``group_size`` consecutive features
+    (``ACTIVATION_SCALES`` "group", [H]): each row of every group is its own Eq. 2 range.
 
     Q = clamp(round(x / s) + z, 0, 2^b - 1) with round-half-to-even, per row:
     the range [min, max] is widened to contain 0 (so 0 is exact and |x / s| <= 2^b - 1),
@@ -52,11 +57,25 @@ def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     no worse at 4 and 8 bits; the zero point costs one integer correction per group in
     the GEMM (see ``w4a_gemm``).
 
+    Per-group scales exist for activations with outlier channels: one per token lets
+    the few large channels set the range of every other one (BENCHMARKS.md [H]). The
+    weight groups are the natural groups: the GEMM's integer accumulator is already per
+    weight group, so ``s_a[m, g]`` is applied next to ``s_w[g, n]`` at no extra integer
+    work.
+
     Returns:
-        (q, scale, zero): q as float32 integers in [0, 2^b - 1] (M x K), scale and zero (M,).
+        (q, scale, zero): q as float32 integers in [0, 2^b - 1] (M x K), scale and zero
+        (M,) per token, or (M, K / group_size) per token and group (K must then be a
+        multiple of ``group_size``: pad with zeros, which every range contains anyway).
     """
     if bits not in ACTIVATION_BITS:
         raise ValueError(f"activation bits must be one of {ACTIVATION_BITS}, got {bits}")
+    if group_size is not None:
+        m, k = x.shape
+        if group_size <= 0 or k % group_size:
+            raise ValueError(f"K={k} is not a multiple of the activation group size {group_size}")
+        q, scale, zero = quantize_activations(x.reshape(m * (k // group_size), group_size), bits)
+        return q.view(m, k), scale.view(m, -1), zero.view(m, -1)
     levels = float((1 << bits) - 1)
     x = x.float()
     low = x.amin(dim=1).clamp(max=0.0)
@@ -71,7 +90,16 @@ def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     return q, scale, zero
 
 
-def fake_quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+def check_activation_scales(activation_scales: str) -> str:
+    if activation_scales not in ACTIVATION_SCALES:
+        raise ValueError(f"activation_scales must be one of {ACTIVATION_SCALES}, got {activation_scales!r}")
+    return activation_scales
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
     """x -> s * (Q(x) - z), the values an integer GEMM effectively multiplies (fp32)."""
-    q, scale, zero = quantize_activations(x, bits)
-    return (q - zero[:, None]) * scale[:, None]
+    q, scale, zero = quantize_activations(x, bits, group_size)
+    if group_size is None:
+        return (q - zero[:, None]) * scale[:, None]
+    m, k = q.shape
+    return ((q.view(m, -1, group_size) - zero[:, :, None]) * scale[:, :, None]).view(m, k)

@@ -43,7 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dyqvla_ros.kernels.int4 import ACTIVATION_BITS, quantize_activations, unpack_int4
+from dyqvla_ros.kernels.int4 import (
+    ACTIVATION_BITS,
+    check_activation_scales,
+    quantize_activations,
+    unpack_int4,
+)
 
 SUPPORTED_BITS = (*ACTIVATION_BITS, 16)
 DECODE_MAX_M = 16
@@ -531,16 +536,26 @@ def w4a_gemm(
 
 
 def w4a_gemm_reference(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    activation_scales: str = "token",
 ) -> torch.Tensor:
     """PyTorch reference of ``w4a_gemm`` with the same integer semantics (fp32 out).
 
     The group accumulators are computed as fp32 matmuls of integer-valued tensors:
     every product is <= 128 * 8 and every partial sum <= 2^17 < 2^24, so they are exact
     integers in any summation order -- the same values as the kernel's int32 dot.
+    ``activation_scales="group"``: one Eq. 2 range per token and weight group
+    (``int4.quantize_activations`` with ``group_size``), so the zero point and the
+    activation scale are per (m, g) and the latter multiplies each group's term:
+    out[m, n] = sum_g s_a[m, g] * s_w[g, n] * acc_g[m, n].
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    check_activation_scales(activation_scales)
     m, k = x.shape
     w = unpack_int4(qweight).float()
     k_pad, n = w.shape
@@ -550,8 +565,12 @@ def w4a_gemm_reference(
     if bits == 16:
         part = torch.einsum("mgk,gkn->mgn", x.view(m, groups, group_size), w)
         return (part * scales.float()[None]).sum(dim=1)
-    q, scale, zero = quantize_activations(x, bits)
+    per_group = activation_scales == "group"
+    q, scale, zero = quantize_activations(x, bits, group_size if per_group else None)
     half = float(1 << (bits - 1))
     part = torch.einsum("mgk,gkn->mgn", (q - half).view(m, groups, group_size), w)
-    part = part + (half - zero)[:, None, None] * w.sum(dim=1)[None]
+    offset = (half - zero).view(m, -1, 1)  # per token: (M, 1, 1); per group: (M, G, 1)
+    part = part + offset * w.sum(dim=1)[None]
+    if per_group:
+        return (part * scales.float()[None] * scale[:, :, None]).sum(dim=1)
     return (part * scales.float()[None]).sum(dim=1) * scale[:, None]
