@@ -53,7 +53,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from dyqvla_ros.kernels.int4 import INT4_MAX, INT4_MIN, pack_int4
+from dyqvla_ros.kernels.hadamard import hadamard_transform
+from dyqvla_ros.kernels.int4 import INT4_MAX, INT4_MIN, check_activation_scales, pack_int4
 from dyqvla_ros.kernels.w4a_cpu import (
     from_int4pack,
     int4pack_block_n,
@@ -73,7 +74,9 @@ log = logging.getLogger(__name__)
 
 GROUP_SIZES = (32, 64, 128)
 FORMAT_NAME = "dyqvla-w4"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the rotation and the activation scales in the metadata ([H])
+READABLE_VERSIONS = ("1", "2")  # a version-1 file is rotation "none", activation scales "token"
+ROTATIONS = ("none", "hadamard")
 
 
 class Backend(enum.StrEnum):
@@ -97,6 +100,12 @@ def _check_bits(bits: int) -> int:
     return int(bits)
 
 
+def _check_rotation(rotation: str) -> str:
+    if rotation not in ROTATIONS:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+    return rotation
+
+
 def _check_group_size(group_size: int) -> int:
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
@@ -113,16 +122,25 @@ class ActivationPrecision:
         self.bits = _check_bits(bits)
 
 
-def quantize_weight(weight: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_weight(
+    weight: torch.Tensor, group_size: int = 128, rotation: str = "none"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """nn.Linear weight (N x K) -> (qweight (K_pad/2 x N) uint8, scales (K_pad/G x N) fp16).
 
     Symmetric RTN per group: s = max|w| / 7 rounded to fp16 (an all-zero group gets
     s = 1), q = clamp(round(w / s), -8, 7) with the fp16 scale that is stored.
+    ``rotation="hadamard"``: the zero-padded weight is rotated first, W R with R the
+    block Hadamard of blocks of ``group_size`` (``kernels.hadamard``), so that the layer
+    computes (x R)(W R)^T = x W^T when its input is rotated the same way.
     """
     _check_group_size(group_size)
+    _check_rotation(rotation)
     n, k = weight.shape
     k_pad = -(-k // group_size) * group_size
-    w = torch.nn.functional.pad(weight.detach().float().t(), (0, 0, 0, k_pad - k))  # K_pad x N
+    w = torch.nn.functional.pad(weight.detach().float(), (0, k_pad - k))  # N x K_pad
+    if rotation == "hadamard":
+        w = hadamard_transform(w, group_size)
+    w = w.t()  # K_pad x N
     groups = w.view(k_pad // group_size, group_size, n)
     scales = (groups.abs().amax(dim=1) / INT4_MAX).to(torch.float16)
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
@@ -149,10 +167,15 @@ class QuantLinear(nn.Module):
         backend: Backend | str = Backend.AUTO,
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        rotation: str = "none",
+        activation_scales: str = "token",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group_size = _check_group_size(group_size)
+        # The weights were rotated (quantize_weight): the input must be, at every forward.
+        self.rotation = _check_rotation(rotation)
+        self.activation_scales = check_activation_scales(activation_scales)
         self.precision = precision if precision is not None else ActivationPrecision()
         self.backend = Backend(backend)
         k_pad = -(-in_features // group_size) * group_size
@@ -172,6 +195,8 @@ class QuantLinear(nn.Module):
         precision: ActivationPrecision | None = None,
         backend: Backend | str = Backend.AUTO,
         device: torch.device | str | None = None,
+        rotation: str = "none",
+        activation_scales: str = "token",
     ) -> QuantLinear:
         """An unfilled QuantLinear with ``linear``'s shape, bias and bias dtype."""
         return cls(
@@ -183,6 +208,8 @@ class QuantLinear(nn.Module):
             backend,
             bias_dtype=linear.weight.dtype,
             device=device or linear.weight.device,
+            rotation=rotation,
+            activation_scales=activation_scales,
         )
 
     @classmethod
@@ -192,10 +219,14 @@ class QuantLinear(nn.Module):
         group_size: int = 128,
         precision: ActivationPrecision | None = None,
         backend: Backend | str = Backend.AUTO,
+        rotation: str = "none",
+        activation_scales: str = "token",
     ) -> QuantLinear:
         """Quantize an nn.Linear's weight (its bias stays in its own dtype)."""
-        layer = cls.shaped_like(linear, group_size, precision, backend)
-        qweight, scales = quantize_weight(linear.weight, group_size)
+        layer = cls.shaped_like(
+            linear, group_size, precision, backend, rotation=rotation, activation_scales=activation_scales
+        )
+        qweight, scales = quantize_weight(linear.weight, group_size, rotation)
         layer.qweight.copy_(qweight)
         layer.scales.copy_(scales)
         if linear.bias is not None:
@@ -251,11 +282,15 @@ class QuantLinear(nn.Module):
         bits = self.precision.bits
         flat = x.reshape(-1, self.in_features)
         backend = self.backend_for(flat)
+        if self.rotation == "hadamard":  # x R, zero-padded to whole groups as the weight was
+            k_pad = -(-self.in_features // self.group_size) * self.group_size
+            flat = hadamard_transform(nn.functional.pad(flat, (0, k_pad - self.in_features)), self.group_size)
+        scheme = {"activation_scales": self.activation_scales}
         if backend is Backend.CPU_INT4:
-            out = w4a_gemm_int4pack(flat, self.int4pack, self.scale_zeros, bits, self.group_size)
+            out = w4a_gemm_int4pack(flat, self.int4pack, self.scale_zeros, bits, self.group_size, **scheme)
             out = out[:, : self.out_features]  # the layout pads N
         else:
-            out = _GEMMS[backend](flat, self.qweight, self.scales, bits, self.group_size)
+            out = _GEMMS[backend](flat, self.qweight, self.scales, bits, self.group_size, **scheme)
         if self.bias is not None:
             out = out + self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -263,7 +298,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, group_size={self.group_size}, backend={self.backend.value}"
+            f"bias={self.bias is not None}, group_size={self.group_size}, backend={self.backend.value}, "
+            f"rotation={self.rotation}, activation_scales={self.activation_scales}"
             + (", layout=cpu_int4" if self.cpu_runtime else "")
         )
 
@@ -318,6 +354,8 @@ def quantize_model(
     skip: Iterable[str] = ("*lm_head",),
     include: Iterable[str] | None = None,
     backend: Backend | str = Backend.AUTO,
+    rotation: str = "none",
+    activation_scales: str = "token",
 ) -> nn.Module:
     """Replace nn.Linear layers by QuantLinear in place and return the model.
 
@@ -329,28 +367,60 @@ def quantize_model(
             "every linear of the language model" (e.g. ``["vision_backbone.*"]``).
         backend: ``auto``, ``triton``, ``cpu``, ``cpu_int4`` (after ``to_cpu_runtime``)
             or ``reference``.
+        rotation: ``none`` or ``hadamard`` (block Hadamard of the input features, blocks
+            of ``group_size``: weights rotated here, activations at every forward).
+        activation_scales: ``token`` (Eq. 2 per token) or ``group`` (per token and
+            weight group). The two defaults are the paper's scheme; the measured
+            alternatives are in BENCHMARKS.md [H].
     """
-    replaced = _install_quant_linears(model, group_size, include, skip, QuantLinear.from_linear, backend)
-    log.info("quantized %d linear layers to INT4 (group %d)", len(replaced), group_size)
+    scheme = Scheme(group_size, rotation, activation_scales)
+    replaced = _install_quant_linears(model, scheme, include, skip, QuantLinear.from_linear, backend)
+    log.info("quantized %d linear layers to INT4 (%s)", len(replaced), scheme)
     return model
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How a model's layers are quantized: weight group size, input rotation, activation
+    scales; validated at construction, recorded in ``save_quantized``'s metadata."""
+
+    group_size: int = 128
+    rotation: str = "none"
+    activation_scales: str = "token"
+
+    def __post_init__(self) -> None:
+        _check_group_size(self.group_size)
+        _check_rotation(self.rotation)
+        check_activation_scales(self.activation_scales)
+
+    def __str__(self) -> str:
+        return f"group {self.group_size}, rotation {self.rotation}, per-{self.activation_scales} scales"
 
 
 def _install_quant_linears(
     model: nn.Module,
-    group_size: int,
+    scheme: Scheme,
     include: Iterable[str] | None,
     skip: Iterable[str],
     make: Callable[..., QuantLinear],
     backend: Backend | str,
 ) -> list[str]:
-    """Replace the selected linears by ``make(linear, group_size, precision, backend)``,
-    all sharing the model's activation precision; the names replaced."""
-    _check_group_size(group_size)
+    """Replace the selected linears by ``make(linear, group_size, precision, backend, ...)``
+    of ``scheme``, all sharing the model's activation precision; the names replaced."""
     backend = Backend(backend)
     precision = getattr(model, "dyqvla_precision", None) or ActivationPrecision()
-    replaced = _replace_linears(
-        model, lambda _name, linear: make(linear, group_size, precision, backend), include, skip
-    )
+
+    def build(_name: str, linear: nn.Linear) -> QuantLinear:
+        return make(
+            linear,
+            scheme.group_size,
+            precision,
+            backend,
+            rotation=scheme.rotation,
+            activation_scales=scheme.activation_scales,
+        )
+
+    replaced = _replace_linears(model, build, include, skip)
     if not replaced:
         raise ValueError("quantize_model found no nn.Linear layer to quantize")
     model.dyqvla_precision = precision
@@ -422,22 +492,25 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     """Write the quantized model's state dict to a safetensors file (no pickle), one tensor
     at a time (``tensor_files.write_tensors``: no second copy of the model, even on CUDA).
 
-    The header metadata records the format name and version, the group size, and
-    every quantized layer with its in/out features, so that ``load_quantized`` can
-    rebuild the layers without re-quantizing. Layers in the ``cpu_int4`` runtime layout
-    are written in the portable one, converted back bit for bit, one layer at a time (the
-    same file as before ``to_cpu_runtime``).
+    The header metadata records the format name and version, the scheme (group size,
+    rotation, activation scales), and every quantized layer with its in/out features, so
+    that ``load_quantized`` can rebuild the layers without re-quantizing. Layers in the
+    ``cpu_int4`` runtime layout are written in the portable one, converted back bit for
+    bit, one layer at a time (the same file as before ``to_cpu_runtime``).
     """
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("model has no quantized layers: call quantize_model(model) first")
-    group_sizes = {m.group_size for m in layers.values()}
-    if len(group_sizes) != 1:
-        raise ValueError(f"save_quantized needs one group size, found {sorted(group_sizes)}")
+    schemes = {Scheme(m.group_size, m.rotation, m.activation_scales) for m in layers.values()}
+    if len(schemes) != 1:
+        raise ValueError(f"save_quantized needs one scheme for all layers, found {sorted(map(str, schemes))}")
+    scheme = schemes.pop()
     metadata = {
         "format": FORMAT_NAME,
         "version": str(FORMAT_VERSION),
-        "group_size": str(group_sizes.pop()),
+        "group_size": str(scheme.group_size),
+        "rotation": scheme.rotation,
+        "activation_scales": scheme.activation_scales,
         "layers": json.dumps(
             {name: [m.in_features, m.out_features, m.bias is not None] for name, m in layers.items()}
         ),
@@ -473,9 +546,10 @@ def _read_metadata(path: Path) -> dict[str, str]:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     if metadata.get("format") != FORMAT_NAME:
         raise ValueError(f"{path} is not a {FORMAT_NAME} checkpoint (format={metadata.get('format')!r})")
-    if metadata.get("version") != str(FORMAT_VERSION):
+    if metadata.get("version") not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path} has format version {metadata.get('version')!r}; this code reads version {FORMAT_VERSION}"
+            f"{path} has format version {metadata.get('version')!r}; this code reads versions "
+            f"{', '.join(READABLE_VERSIONS)}"
         )
     return metadata
 
@@ -493,11 +567,14 @@ def load_quantized(
     path = Path(path)
     metadata = _read_metadata(path)
     try:
-        group_size = int(metadata["group_size"])
+        scheme = Scheme(
+            int(metadata["group_size"]),
+            metadata.get("rotation", "none"),
+            metadata.get("activation_scales", "token"),
+        )
         layers = json.loads(metadata["layers"])
     except (KeyError, ValueError) as err:
         raise ValueError(f"{path}: malformed metadata ({err})") from err
-    precision = getattr(model, "dyqvla_precision", None) or ActivationPrecision()
     modules = dict(model.named_modules())
     for name, (in_features, out_features, _has_bias) in layers.items():
         module = modules.get(name)
@@ -508,12 +585,7 @@ def load_quantized(
                 f"{path}: layer {name!r} is {in_features}->{out_features} in the file, "
                 f"{module.in_features}->{module.out_features} in the model"
             )
-    _replace_linears(
-        model,
-        lambda _name, linear: QuantLinear.shaped_like(linear, group_size, precision, backend),
-        include=list(layers),
-        skip=(),
-    )
+    _install_quant_linears(model, scheme, list(layers), (), QuantLinear.shaped_like, backend)
     expected = model.state_dict()
     names = tensor_names(path)
     missing = sorted(set(expected) - set(names))
@@ -529,7 +601,6 @@ def load_quantized(
             )
         target = device or ("cpu" if want.is_meta else want.device)
         assign_tensor(model, name, tensor.to(target))
-    model.dyqvla_precision = precision
     return model
 
 
@@ -539,7 +610,10 @@ def empty_quantized_layers(
     include: Iterable[str] | None = None,
     skip: Iterable[str] = ("*lm_head",),
     backend: Backend | str = Backend.AUTO,
+    rotation: str = "none",
+    activation_scales: str = "token",
 ) -> None:
     """Replace the linears ``quantize_model`` would quantize by unfilled QuantLinear layers
     on their device (meta, for a loader that fills them as it reads the checkpoint)."""
-    _install_quant_linears(model, group_size, include, skip, QuantLinear.shaped_like, backend)
+    scheme = Scheme(group_size, rotation, activation_scales)
+    _install_quant_linears(model, scheme, include, skip, QuantLinear.shaped_like, backend)

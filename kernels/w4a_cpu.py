@@ -62,7 +62,13 @@ and ragged small ones (G = 32, 64, 128), activations with x25 outlier channels:
     bits   2: 5.5e-3    4: 5.3e-3    8: 5.7e-3    16: 6.9e-3
 
 the same at every bit-width because the bf16 roundings dominate, not the activation
-codes (which are exact). ``INT4PACK_TOLERANCE`` (1.5e-2) is the tests' bound, ~2x that.
+codes (which are exact). With per-group activation scales ([H]) the activations enter
+as s * (Q - z) rounded to bf16 (a per-group scale cannot be factored out of the GEMM);
+same shapes and data, Hadamard-rotated or not, both paths:
+
+    bits   2: 6.5e-3    4: 8.3e-3    8: 6.3e-3
+
+``INT4PACK_TOLERANCE`` (1.5e-2) is the tests' bound for both, ~2x the worst.
 """
 
 from __future__ import annotations
@@ -71,7 +77,13 @@ import functools
 
 import torch
 
-from dyqvla_ros.kernels.int4 import pack_int4, quantize_activations, unpack_int4
+from dyqvla_ros.kernels.int4 import (
+    check_activation_scales,
+    fake_quantize_activations,
+    pack_int4,
+    quantize_activations,
+    unpack_int4,
+)
 from dyqvla_ros.kernels.w4a_gemm import SUPPORTED_BITS, dequantize_int4_reference
 
 N_ALIGN = 64  # runtime layout columns padded to this (a whole AVX512 or AVX2 block)
@@ -87,10 +99,17 @@ def _check_bits(bits: int) -> None:
 
 
 def w4a_gemm_cpu(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    activation_scales: str = "token",
 ) -> torch.Tensor:
-    """x (M x K) @ INT4 weight -> fp32 (M x N), activations at ``bits`` (see module doc)."""
+    """x (M x K) @ INT4 weight -> fp32 (M x N), activations at ``bits`` with one scale per
+    token or per token and weight group (see module doc and ``w4a_gemm_reference``)."""
     _check_bits(bits)
+    per_group = check_activation_scales(activation_scales) == "group"
     m, k = x.shape
     if bits == 16:
         dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
@@ -99,19 +118,23 @@ def w4a_gemm_cpu(
     w = unpack_int4(qweight)  # K_pad x N int8, this call only
     k_pad, n = w.shape
     groups = k_pad // group_size
-    q, scale, zero = quantize_activations(torch.nn.functional.pad(x.float(), (0, k_pad - k)), bits)
+    x = torch.nn.functional.pad(x.float(), (0, k_pad - k))
+    q, scale, zero = quantize_activations(x, bits, group_size if per_group else None)
     half = 1 << (bits - 1)
     codes = (q - half).to(torch.int8)  # in [-128, 127] for every b <= 8
-    offset = (half - zero).to(torch.int32)[:, None]
+    offset = (half - zero).to(torch.int32).view(m, -1)  # M x 1 per token, M x groups per group
+    scale = scale.view(m, -1)
     w_t = w.t().contiguous()  # N x K_pad: _int_mm's fast operand is a transposed row-major matrix
     colsum = w.view(groups, group_size, n).sum(dim=1, dtype=torch.int32)
     group_scales = scales.float()
     out = torch.zeros(m, n)
     for g in range(groups):
         part = slice(g * group_size, (g + 1) * group_size)
-        acc = torch._int_mm(codes[:, part], w_t[:, part].t()) + offset * colsum[g]
-        out.add_(acc.float() * group_scales[g])
-    return out * scale[:, None]
+        column = slice(g, g + 1) if per_group else slice(0, 1)
+        acc = torch._int_mm(codes[:, part], w_t[:, part].t()) + offset[:, column] * colsum[g]
+        term = acc.float() * group_scales[g]
+        out.add_(term * scale[:, column] if per_group else term)
+    return out if per_group else out * scale
 
 
 def _signed_nibbles(packed_blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +258,7 @@ def w4a_gemm_int4pack(
     bits: int,
     group_size: int,
     dequantize: bool | None = None,
+    activation_scales: str = "token",
 ) -> torch.Tensor:
     """x (M x K) @ a runtime-layout INT4 weight -> fp32 (M x N_pad), activations at ``bits``.
 
@@ -243,8 +267,13 @@ def w4a_gemm_int4pack(
         packed, scale_zeros: from ``to_int4pack`` (the residual is not needed here).
         dequantize: force (True) or forbid (False) the dequantize + matmul path;
             None: from ``DEQUANT_MIN_ROWS`` rows on (``bench/kernels.py`` times both).
+        activation_scales: "token" or "group" (one Eq. 2 range per token and weight
+            group). A per-group scale cannot be factored out of the GEMM, so below 16
+            bits the activations are quantized and dequantized, s * (Q - z), and that
+            rounded to bf16 enters the GEMM (module doc: same tolerance).
     """
     _check_bits(bits)
+    per_group = check_activation_scales(activation_scales) == "group"
     m, k = x.shape
     k_pad = 2 * packed.shape[1]
     if k_pad % group_size or not (k_pad - group_size < k <= k_pad):
@@ -252,7 +281,9 @@ def w4a_gemm_int4pack(
     if scale_zeros.dtype != torch.bfloat16:  # e.g. model.to(dtype) after the conversion
         raise ValueError(f"scale_zeros must stay bf16 (the kernel's dtype), got {scale_zeros.dtype}")
     x = torch.nn.functional.pad(x, (0, k_pad - k))
-    if bits < 16:
+    if bits < 16 and per_group:
+        a = fake_quantize_activations(x, bits, group_size).bfloat16()
+    elif bits < 16:
         q, scale, zero = quantize_activations(x, bits)
         a = (q - zero[:, None]).bfloat16()  # integers in [-255, 255]: exact in bf16
     else:
@@ -264,4 +295,4 @@ def w4a_gemm_int4pack(
     else:
         gemm = torch.ops.aten._weight_int4pack_mm_for_cpu
         out = gemm(a.contiguous(), packed, group_size, scale_zeros).float()
-    return out * scale[:, None] if bits < 16 else out
+    return out * scale[:, None] if bits < 16 and not per_group else out

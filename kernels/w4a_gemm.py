@@ -8,6 +8,11 @@ quantization (``int4.quantize_activations``) *inside* the kernel:
     acc_g[m, n] = sum_{k in g} (Q[m, k] - z[m]) * q_w[k, n]                      (int32)
                 = dot(Q - 2^(b-1), q_w)  +  (2^(b-1) - z[m]) * sum_{k in g} q_w[k, n]
 
+With ``activation_scales="group"`` each token has one Eq. 2 range per weight group
+(s_a[m, g], z[m, g], from the x tile the K step loads anyway: no pre-pass over the row):
+
+    out[m, n] = sum_g s_a[m, g] * s_w[g, n] * acc_g[m, n]      (z[m, g] in acc_g)
+
 The shifted activations Q - 2^(b-1) lie in [-128, 127] for every b <= 8, so one int8
 ``tl.dot`` serves A2, A4 and A8 (A2/A4 ride in int8: Hopper has no INT4 MMA); INT4
 weights are unpacked to int8 in registers. The zero-point term uses the column sums of
@@ -70,6 +75,15 @@ def _split_groups(num_groups, pid_k, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
+def _group_range(low, high, levels):
+    """Eq. 2 scale and zero point of [min(0, low), max(0, high)] (``levels`` = 2^b - 1)."""
+    low = tl.minimum(low, 0.0)
+    scale = tl.math.div_rn(tl.maximum(high, 0.0) - low, levels)
+    scale = tl.where(scale == 0.0, 1.0, scale)
+    return scale, _rne(tl.math.div_rn(-low, scale))
+
+
+@triton.jit
 def _codes(x, scale, zero, BITS: tl.constexpr):
     """Eq. 2 codes Q = clamp(round(x / s) + z, 0, 2^b - 1) as fp32 (s, z broadcast to x)."""
     q = _rne(tl.math.div_rn(x.to(tl.float32), scale)) + zero
@@ -129,6 +143,7 @@ def _w4a_gemm_kernel(
     SPLIT_K: tl.constexpr,
     UNPACK: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    GROUP_SCALES: tl.constexpr,  # per-(token, group) activation ranges (bits < 16 only)
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -145,7 +160,7 @@ def _w4a_gemm_kernel(
     num_groups = tl.cdiv(K, GROUP)
     g_start, g_end = _split_groups(num_groups, pid_k, SPLIT_K)
 
-    if BITS < 16:
+    if BITS < 16 and not GROUP_SCALES:
         # Per-token range over the whole row (every split needs the same s and z).
         row_min = tl.zeros([BLOCK_M], dtype=tl.float32)  # starts at 0: range contains 0
         row_max = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -163,7 +178,7 @@ def _w4a_gemm_kernel(
         zero = _rne(tl.math.div_rn(-row_min, scale))
         offset = ((1 << (BITS - 1)) - zero).to(tl.int32)
     else:
-        scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused at 16 bits
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused at 16 bits, per group below
         zero = scale
         offset = scale.to(tl.int32)
 
@@ -186,6 +201,13 @@ def _w4a_gemm_kernel(
                 mask=mask_m[:, None] & (k_even[None, :] + 1 < K),
                 other=0.0,
             )
+            if GROUP_SCALES:  # the group's range covers both halves
+                scale, zero = _group_range(
+                    tl.minimum(tl.min(x_even.to(tl.float32), axis=1), tl.min(x_odd.to(tl.float32), axis=1)),
+                    tl.maximum(tl.max(x_even.to(tl.float32), axis=1), tl.max(x_odd.to(tl.float32), axis=1)),
+                    tl.full([BLOCK_M], (1 << BITS) - 1, tl.float32),
+                )
+                offset = ((1 << (BITS - 1)) - zero).to(tl.int32)
             part = _group_part(x_even, (as_int8 << 4) >> 4, scale, zero, offset, BITS, DOT_FP32)
             part += _group_part(x_odd, as_int8 >> 4, scale, zero, offset, BITS, DOT_FP32)
         else:
@@ -193,6 +215,13 @@ def _w4a_gemm_kernel(
             x = tl.load(
                 x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0
             )
+            if GROUP_SCALES:
+                scale, zero = _group_range(
+                    tl.min(x.to(tl.float32), axis=1),
+                    tl.max(x.to(tl.float32), axis=1),
+                    tl.full([BLOCK_M], (1 << BITS) - 1, tl.float32),
+                )
+                offset = ((1 << (BITS - 1)) - zero).to(tl.int32)
             if UNPACK == 0:
                 # Interleave the nibbles of G/2 loaded rows into G rows in registers.
                 packed = tl.load(
@@ -213,9 +242,12 @@ def _w4a_gemm_kernel(
                 as_int8 = packed.to(tl.int8, bitcast=True)
                 w = tl.where((offs_g % 2 == 0)[:, None], (as_int8 << 4) >> 4, as_int8 >> 4)
             part = _group_part(x, w, scale, zero, offset, BITS, DOT_FP32)
-        acc += part * w_scale[None, :]
+        if GROUP_SCALES:
+            acc += part * w_scale[None, :] * scale[:, None]
+        else:
+            acc += part * w_scale[None, :]
 
-    if BITS < 16:
+    if BITS < 16 and not GROUP_SCALES:
         acc = acc * scale[:, None]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     out_mask = mask_m[:, None] & mask_n[None, :]
@@ -246,6 +278,7 @@ def _w4a_gemv_kernel(
     GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    GROUP_SCALES: tl.constexpr,  # per-(token, group) activation ranges (bits < 16 only)
 ):
     """One row of x against BLOCK_N columns, without tensor cores (decode, M = 1).
 
@@ -253,6 +286,7 @@ def _w4a_gemv_kernel(
     meets its activation in one multiply-add and the K axis of a group is reduced once.
     The integer path keeps the exact int32 group accumulator sum_k (Q_k - z) q_w[k, n]
     (the same integer as the dot form); the fp32 sums differ from the MMA's only in order.
+    With GROUP_SCALES each split computes the ranges of its own groups.
     """
     pid_n = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1)
@@ -266,7 +300,7 @@ def _w4a_gemv_kernel(
     num_groups = tl.cdiv(K, GROUP)
     g_start, g_end = _split_groups(num_groups, pid_k, SPLIT_K)
 
-    if BITS < 16:
+    if BITS < 16 and not GROUP_SCALES:
         offs_g = tl.arange(0, GROUP)
         low = tl.zeros([GROUP], dtype=tl.float32)  # elementwise running min / max
         high = tl.zeros([GROUP], dtype=tl.float32)
@@ -297,13 +331,22 @@ def _w4a_gemv_kernel(
             prod = x_even[:, None] * w_even.to(tl.float32) + x_odd[:, None] * w_odd.to(tl.float32)
             part = tl.sum(prod, axis=0)
         else:
+            if GROUP_SCALES:  # the group's range covers both halves
+                scale, zero = _group_range(
+                    tl.minimum(tl.min(x_even, axis=0), tl.min(x_odd, axis=0)),
+                    tl.maximum(tl.max(x_even, axis=0), tl.max(x_odd, axis=0)),
+                    tl.full([1], (1 << BITS) - 1, tl.float32),
+                )
             d_even = (_codes(x_even, scale, zero, BITS) - zero).to(tl.int32)
             d_odd = (_codes(x_odd, scale, zero, BITS) - zero).to(tl.int32)
             prod = d_even[:, None] * w_even.to(tl.int32) + d_odd[:, None] * w_odd.to(tl.int32)
             part = tl.sum(prod, axis=0).to(tl.float32)
-        acc += part * w_scale
+        if GROUP_SCALES:
+            acc += part * w_scale * scale
+        else:
+            acc += part * w_scale
 
-    if BITS < 16:
+    if BITS < 16 and not GROUP_SCALES:
         acc = acc * scale
     out_ptrs = out_ptr + row * stride_om + offs_n * stride_on
     if SPLIT_K == 1:
@@ -461,6 +504,7 @@ def w4a_gemm(
     bits: int,
     group_size: int,
     config: LaunchConfig | None = None,
+    activation_scales: str = "token",
 ) -> torch.Tensor:
     """x (M x K) @ INT4 weight -> fp32 (M x N), activations at ``bits``.
 
@@ -472,9 +516,12 @@ def w4a_gemm(
         bits: activation bit-width, one of 2, 4, 8, 16.
         group_size: weight group size G along K (32, 64 or 128; BLOCK_K = G).
         config: override ``launch_config``'s tiling (tests, ``bench/kernels.py --sweep``).
+        activation_scales: "token" (one Eq. 2 range per row) or "group" (per row and
+            weight group); the same at 16 bits.
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    check_activation_scales(activation_scales)
     if x.dim() != 2 or qweight.dim() != 2 or scales.dim() != 2:
         raise ValueError("x, qweight and scales must be 2-D")
     m, k = x.shape
@@ -518,6 +565,7 @@ def w4a_gemm(
         "GROUP": group_size,
         "BLOCK_N": cfg.block_n,
         "SPLIT_K": split,
+        "GROUP_SCALES": activation_scales == "group" and bits < 16,
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }

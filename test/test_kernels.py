@@ -254,3 +254,66 @@ def test_int4pack_gemm_rejects_bad_operands():
         w4a_gemm_int4pack(torch.randn(2, 64), packed, scale_zeros, 8, 64)
     with pytest.raises(ValueError, match="must stay bf16"):
         w4a_gemm_int4pack(torch.randn(2, 128), packed, scale_zeros.float(), 16, 64)
+
+
+# activation_scales="group": one Eq. 2 range per token and weight group.
+GROUP_SCALE_SHAPES = [
+    # (M, N, K, group): GEMV (M = 1), decode with split-K (M <= 16), prefill (M > 16);
+    # ragged M, N and K, K not a multiple of the group
+    (1, 64, 250, 128),
+    (1, 45, 100, 32),
+    (3, 45, 100, 32),
+    (6, 42, 123, 64),
+    (17, 70, 256, 64),
+    (33, 20, 300, 128),
+]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m, n, k, group", GROUP_SCALE_SHAPES)
+def test_w4a_gemm_group_scales_match_reference(m, n, k, group, bits):
+    """Each launch shape's default configuration, per-group activation ranges."""
+    qweight, scales = random_weights(k, n, group, seed=m * 1000 + n)
+    x = activations(m, k, seed=k)
+    out = w4a_gemm(x, qweight, scales, bits, group, activation_scales="group")
+    ref = w4a_gemm_reference(x, qweight, scales, bits, group, activation_scales="group")
+    assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "config",
+    [LaunchConfig(16, 64, split_k=2, unpack=u) for u in (0, 1, 2)] + [LaunchConfig(1, 32, 3, gemv=True)],
+    ids=["interleave", "even-odd", "load-twice", "gemv"],
+)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("m, n, k, group", [(5, 70, 300, 64), (20, 40, 250, 128)])
+def test_group_scales_every_unpack_variant(m, n, k, group, bits, config):
+    """Every unpacking of the nibbles and the GEMV, split-K; outliers on odd channels too,
+    so the even/odd variant's group range must cover both halves."""
+    qweight, scales = random_weights(k, n, group, seed=k + n)
+    x = activations(m, k, seed=m)
+    x[:, 1::34] *= 30.0  # odd channels
+    out = w4a_gemm(x, qweight, scales, bits, group, config=config, activation_scales="group")
+    ref = w4a_gemm_reference(x, qweight, scales, bits, group, activation_scales="group")
+    assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("m", [1, 4, 40], ids=["gemv", "decode", "prefill"])
+@pytest.mark.parametrize("bits", BITS[:3])
+def test_group_scales_differ_from_token_scales_on_outliers(bits, m):
+    """Outlier channels set one token's range; per-group ranges keep the other groups
+    fine: the result is another function, and closer to the unquantized product."""
+    qweight, scales = random_weights(256, 64, 64, seed=11)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(12))
+    x[:, :64:8] *= 25.0  # outlier channels in group 0 only: they set the token's range
+    exact = x @ dequantize_int4_reference(qweight, scales, 64)
+    token = w4a_gemm(x, qweight, scales, bits, 64)
+    group = w4a_gemm(x, qweight, scales, bits, 64, activation_scales="group")
+    assert (group - token).abs().max().item() > 1e-3 * exact.abs().max().item()
+    assert torch.linalg.norm(group - exact) < torch.linalg.norm(token - exact)
+
+
+def test_wrapper_rejects_unknown_activation_scales():
+    qweight, scales = random_weights(128, 64, 64, seed=7)
+    with pytest.raises(ValueError, match="activation_scales"):
+        w4a_gemm(torch.randn(2, 128), qweight, scales, 8, 64, activation_scales="channel")
