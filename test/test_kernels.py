@@ -293,6 +293,8 @@ def test_group_scales_every_unpack_variant(m, n, k, group, bits, config):
     qweight, scales = random_weights(k, n, group, seed=k + n)
     x = activations(m, k, seed=m)
     x[:, 1::34] *= 30.0  # odd channels
+    x[:, :group] = x[:, :group].abs() + 0.5  # a group above 0 and one below: their ranges
+    x[:, group : 2 * group] = -x[:, group : 2 * group].abs() - 0.5  # must still contain 0
     out = w4a_gemm(x, qweight, scales, bits, group, config=config, activation_scales="group")
     ref = w4a_gemm_reference(x, qweight, scales, bits, group, activation_scales="group")
     assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
