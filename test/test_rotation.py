@@ -24,6 +24,7 @@ from dyqvla_ros.quant import (
     quantized_layers,
     save_quantized,
     to_cpu_runtime,
+    weight_bytes,
 )
 
 
@@ -229,3 +230,11 @@ def test_invalid_schemes_are_refused():
         quantize_model(nn.Sequential(nn.Linear(64, 64)), 64, include=["*"], activation_scales="channel")
     with pytest.raises(ValueError, match="rotation must be one of"):
         quantize_weight(torch.zeros(4, 64), 64, "givens")
+
+
+def test_the_scheme_adds_no_weight_memory():
+    """No rotation matrix, no second copy: the same bytes as the plain W4 model
+    (0.5 + 2 / G B/param in the portable layout)."""
+    plain = weight_bytes(outlier_model("none", "token"))
+    assert weight_bytes(outlier_model("hadamard", "group")) == plain
+    assert plain["uint8"] == (512 * 384 + 384 * 200) // 2
