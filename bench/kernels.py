@@ -12,6 +12,14 @@ far too slow for these shapes). ``--dtype float32`` feeds the layers fp32 activa
 both paths of ``cpu_int4`` at each M -- the int4 GEMM ("int4 mm") and dequantize +
 bf16 matmul ("int4 deq") -- from which ``w4a_cpu.DEQUANT_MIN_ROWS`` is chosen.
 
+``--schemes`` times the [H] outlier schemes instead: one ``QuantLinear`` forward per
+rotation (none / hadamard) x activation scales (token / group) at M in {1, 280} (or
+``--m``) and every bit-width, on the default path -- backend auto after
+``to_cpu_runtime`` (cpu_int4) on the CPU, triton on CUDA -- and the ratio of each to the
+plain path (none/token). The four are timed in alternating rounds (``ROUNDS``, order
+reversed every other round) and each time is the median of its rounds, so machine
+drift hits all of them alike.
+
 ``--sweep`` (CUDA; under ``--quick`` also in the interpreter) times the bare ``w4a_gemm``
 kernel with other launch configurations (tiles, split-K, warps) beside the default
 ``launch_config``, so the decode and prefill tilings can be chosen from measurements.
@@ -23,6 +31,8 @@ flushed before each call, so weights come from HBM as they do in a model's forwa
     python bench/kernels.py --sweep         # + launch-configuration sweep (CUDA)
     python bench/kernels.py --quick         # small shapes, seconds (CI keeps it alive)
     python bench/kernels.py --m 1 280 --backends cpu_int4 --reps 5   # a short CPU run
+    python bench/kernels.py --schemes       # [H] rotation / activation-scale overheads
+    python bench/kernels.py --schemes --quick   # the same on the small shape (seconds)
 """
 
 from __future__ import annotations
@@ -53,6 +63,9 @@ QUICK_LINEARS = [("quick", 256, 384)]
 BITS = (16, 8, 4, 2)
 GROUP = 128
 CPU_BACKENDS = ("reference", "cpu", "cpu_int4")
+# [H] (rotation, activation scales); the first is the plain path the others are compared to.
+SCHEMES = (("none", "token"), ("hadamard", "token"), ("none", "group"), ("hadamard", "group"))
+ROUNDS = 3  # --schemes: alternating rounds of time_ms per scheme
 # Alternatives to launch_config's defaults: (M, configurations tried at that M); the
 # dequant_matmul variant is timed at 16 bits only.
 SWEEP = [
@@ -110,10 +123,16 @@ def rates(ms: float, bf16_ms: float, layer: QuantLinear, m: int) -> dict:
     }
 
 
-def quant_layer(dense: nn.Linear, backend: str) -> QuantLinear:
-    """``dense`` quantized for ``backend`` (cpu_int4: in its runtime layout)."""
-    layer = QuantLinear.from_linear(dense, GROUP, backend=backend)
-    return to_cpu_runtime(layer) if backend == "cpu_int4" else layer
+def quant_layer(
+    dense: nn.Linear, backend: str, rotation: str = "none", activation_scales: str = "token"
+) -> QuantLinear:
+    """``dense`` quantized for ``backend`` (cpu_int4, and auto on the CPU: in the runtime
+    layout, as a CPU model is loaded)."""
+    layer = QuantLinear.from_linear(
+        dense, GROUP, backend=backend, rotation=rotation, activation_scales=activation_scales
+    )
+    cpu_runtime = backend == "cpu_int4" or (backend == "auto" and dense.weight.device.type == "cpu")
+    return to_cpu_runtime(layer) if cpu_runtime else layer
 
 
 def int4_route(layer: QuantLinear, x: torch.Tensor, dequantize: bool) -> torch.Tensor:
@@ -169,6 +188,81 @@ def run(
                             }
                         )
     return rows
+
+
+def time_side_by_side(
+    fns: dict[str, Callable[[], object]], device: torch.device, reps: int, rounds: int = ROUNDS
+) -> dict[str, float]:
+    """``time_ms`` of each of ``fns`` in ``rounds`` alternating rounds (order reversed
+    every other round); per label, the median of its rounds."""
+    samples: dict[str, list[float]] = {label: [] for label in fns}
+    order = list(fns)
+    for i in range(rounds):
+        for label in order if i % 2 == 0 else order[::-1]:
+            samples[label].append(time_ms(fns[label], device, reps))
+    return {label: statistics.median(times) for label, times in samples.items()}
+
+
+def schemes(
+    linears: list[tuple[str, int, int]],
+    ms: list[int],
+    device: torch.device,
+    reps: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[dict]:
+    """One QuantLinear forward per [H] scheme and bit-width on the default path (auto:
+    cpu_int4 on the CPU, triton on CUDA), timed side by side; ratio = time / plain time."""
+    rows = []
+    plain = "/".join(SCHEMES[0])
+    for name, k, n in linears:
+        dense = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        layers = {"/".join(s): quant_layer(dense, "auto", *s) for s in SCHEMES}
+        del dense
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            backend = layers[plain].backend_for(x).value
+            for bits in BITS:
+                for layer in layers.values():
+                    layer.precision.set(bits)  # one holder per layer: set each
+                with torch.no_grad():
+                    times = time_side_by_side(
+                        {s: partial(layer, x) for s, layer in layers.items()}, device, reps
+                    )
+                for scheme, ms_ in times.items():
+                    rows.append(
+                        {
+                            "layer": name,
+                            "K": k,
+                            "N": n,
+                            "M": m,
+                            "bits": bits,
+                            "backend": backend,
+                            "scheme": scheme,
+                            "ms": ms_,
+                            "ratio_vs_plain": ms_ / times[plain],
+                        }
+                    )
+    return rows
+
+
+def print_schemes(rows: list[dict], device: str) -> None:
+    """One line per (layer, M, bits): each scheme's ms and its ratio to none/token."""
+    print(
+        f"[H] schemes on {device}: ms per QuantLinear forward (rotation/activation scales); "
+        f"(x) = time / none/token time, timed side by side ({ROUNDS} alternating rounds)"
+    )
+    labels = ["/".join(s) for s in SCHEMES]
+    head = f"{'layer':<14}{'M':>5}{'bits':>6}{'backend':>10}"
+    print(head + "".join(f"{label:>22}" for label in labels))
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        cases.setdefault((r["layer"], r["M"], r["bits"], r["backend"]), {})[r["scheme"]] = r
+    for (layer, m, bits, backend), by_scheme in cases.items():
+        cells = "".join(
+            f"{by_scheme[label]['ms']:>13.3f} ({by_scheme[label]['ratio_vs_plain']:>5.2f}x)"
+            for label in labels
+        )
+        print(f"{layer:<14}{m:>5}{bits:>6}{backend:>10}{cells}")
 
 
 def sweep(
@@ -272,6 +366,11 @@ def main() -> None:
     parser.add_argument("--routes", action="store_true", help="also both paths of cpu_int4 (CPU)")
     parser.add_argument("--sweep", action="store_true", help="also sweep launch configurations")
     parser.add_argument(
+        "--schemes",
+        action="store_true",
+        help="time the [H] rotation / activation-scale schemes (default path) instead of the bf16 table",
+    )
+    parser.add_argument(
         "--reps", type=int, default=None, help="timed repetitions (CPU) or milliseconds of them (CUDA)"
     )
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -290,10 +389,24 @@ def main() -> None:
     reps = args.reps or (100 if device.type == "cuda" else 3)
     if device.type == "cuda" and (args.backends or args.routes):
         parser.error("--backends and --routes choose among the CPU backends; CUDA runs triton")
-    rows = run(linears, ms, device, reps, args.backends, getattr(torch, args.dtype), args.routes)
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
-    print_table(rows, f"{name}, torch {torch.__version__}, {args.dtype} activations")
+    described = f"{name}, torch {torch.__version__}, {args.dtype} activations"
+    if args.schemes:
+        if args.backends or args.routes or args.sweep:
+            parser.error("--schemes times the default path alone: no --backends, --routes or --sweep")
+        rows = schemes(linears, args.m or [1, 280], device, reps, getattr(torch, args.dtype))
+        print_schemes(rows, described)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {"device": name, "torch": torch.__version__, "dtype": args.dtype, "schemes": rows},
+                    f,
+                    indent=1,
+                )
+        return
+    rows = run(linears, ms, device, reps, args.backends, getattr(torch, args.dtype), args.routes)
+    print_table(rows, described)
     swept = sweep(linears, QUICK_SWEEP if args.quick else SWEEP, device, reps) if args.sweep else []
     if swept:
         print_sweep(swept)
