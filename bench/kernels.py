@@ -20,6 +20,15 @@ plain path (none/token). The four are timed in alternating rounds (``ROUNDS``, o
 reversed every other round) and each time is the median of its rounds, so machine
 drift hits all of them alike.
 
+``--inductor`` (CPU, [L]) times, side by side at M = 280 (or ``--m``), the cpu_int4
+layer as it runs (16 bits: the int4 GEMM below ``DEQUANT_MIN_ROWS`` rows, dequantize +
+bf16 matmul from there), torch's int4 GEMM op alone, the same op compiled by inductor
+with ``max-autotune`` and frozen weights (where inductor has its AMX / AVX512 WoQ-int4
+GEMM template, it autotunes it against the op), and the dense bf16 ``nn.Linear``: the
+fused-kernel figure behind [L]'s M = 280 target. The compiled variant is measured
+here only; the node does not use it (it needs every layer's weights as compile-time
+constants).
+
 ``--sweep`` (CUDA; under ``--quick`` also in the interpreter) times the bare ``w4a_gemm``
 kernel with other launch configurations (tiles, split-K, warps) beside the default
 ``launch_config``, so the decode and prefill tilings can be chosen from measurements.
@@ -33,6 +42,7 @@ flushed before each call, so weights come from HBM as they do in a model's forwa
     python bench/kernels.py --m 1 280 --backends cpu_int4 --reps 5   # a short CPU run
     python bench/kernels.py --schemes       # [H] rotation / activation-scale overheads
     python bench/kernels.py --schemes --quick   # the same on the small shape (seconds)
+    python bench/kernels.py --inductor      # [L] int4 GEMM: eager vs inductor's template vs dense
 """
 
 from __future__ import annotations
@@ -265,6 +275,88 @@ def print_schemes(rows: list[dict], device: str) -> None:
         print(f"{layer:<14}{m:>5}{bits:>6}{backend:>10}{cells}")
 
 
+class _FrozenInt4Mm(nn.Module):
+    """torch's int4 GEMM op on one layer's runtime-layout weights, held as buffers, so
+    that inductor's freezing turns them into constants (its WoQ template needs that)."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        self.group_size = layer.group_size
+        self.register_buffer("int4pack", layer.int4pack)
+        self.register_buffer("scale_zeros", layer.scale_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4pack, self.group_size, self.scale_zeros)
+
+
+def inductor(linears: list[tuple[str, int, int]], ms: list[int], reps: int) -> list[dict]:
+    """[L]: cpu_int4 as it runs, the int4 op, the op compiled by inductor, dense bf16 (CPU,
+    16-bit activations), side by side; ratio = dense time / time (> 1: faster than dense)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    # Probed once, before compiling: on torch 2.14.1 here the first probe made inside a
+    # compilation found no vector ISA, and inductor then offered no template at all.
+    isa = pick_vec_isa()
+    cpu = torch.device("cpu")
+    rows = []
+    for name, k, n in linears:
+        dense = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+        layer = quant_layer(dense, "cpu_int4")
+        op = _FrozenInt4Mm(layer).eval()
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            compiled = torch.compile(op, mode="max-autotune")
+            for m in ms:
+                x = torch.randn(m, k, dtype=torch.bfloat16)
+                t0 = time.perf_counter()
+                out = compiled(x)
+                compile_s = time.perf_counter() - t0
+                eager = op(x)
+                error = ((out.float() - eager.float()).abs().max() / eager.float().abs().max()).item()
+                times = time_side_by_side(
+                    {
+                        "cpu_int4 layer": partial(layer, x),
+                        "int4 op": partial(op, x),
+                        "int4 op, inductor": partial(compiled, x),
+                        "dense bf16": partial(dense, x),
+                    },
+                    cpu,
+                    reps,
+                )
+                rows += [
+                    {
+                        "layer": name,
+                        "K": k,
+                        "N": n,
+                        "M": m,
+                        "variant": variant,
+                        "ms": t,
+                        "speedup_vs_bf16": times["dense bf16"] / t,
+                        "compile_s": compile_s,
+                        "max_rel_diff_vs_op": error,
+                        "isa": str(isa),
+                    }
+                    for variant, t in times.items()
+                ]
+        torch._dynamo.reset()
+    return rows
+
+
+def print_inductor(rows: list[dict], device: str) -> None:
+    print(f"[L] int4 GEMM at 16 bits on {device}: ms (dense bf16 time / time)")
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    print(f"{'layer':<14}{'M':>5}" + "".join(f"{v:>24}" for v in variants) + f"{'compile s':>11}{'diff':>9}")
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        cases.setdefault((r["layer"], r["M"]), {})[r["variant"]] = r
+    for (layer, m), by_variant in cases.items():
+        cells = "".join(
+            f"{by_variant[v]['ms']:>15.2f} ({by_variant[v]['speedup_vs_bf16']:>5.2f}x)" for v in variants
+        )
+        first = next(iter(by_variant.values()))
+        print(f"{layer:<14}{m:>5}{cells}{first['compile_s']:>11.1f}{first['max_rel_diff_vs_op']:>9.1e}")
+
+
 def sweep(
     linears: list[tuple[str, int, int]],
     plan: list[tuple[int, list[LaunchConfig]]],
@@ -371,6 +463,11 @@ def main() -> None:
         help="time the [H] rotation / activation-scale schemes (default path) instead of the bf16 table",
     )
     parser.add_argument(
+        "--inductor",
+        action="store_true",
+        help="[L] (CPU): the int4 GEMM eager, compiled by inductor, and dense bf16, at M = 280",
+    )
+    parser.add_argument(
         "--reps", type=int, default=None, help="timed repetitions (CPU) or milliseconds of them (CUDA)"
     )
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -392,6 +489,15 @@ def main() -> None:
     threads = torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
     described = f"{name}, torch {torch.__version__}, {args.dtype} activations"
+    if args.inductor:
+        if device.type != "cpu" or args.schemes or args.sweep:
+            parser.error("--inductor times the CPU int4 GEMM alone (no CUDA, --schemes or --sweep)")
+        rows = inductor(linears, args.m or [280], reps)
+        print_inductor(rows, described)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": name, "torch": torch.__version__, "inductor": rows}, f, indent=1)
+        return
     if args.schemes:
         if args.backends or args.routes or args.sweep:
             parser.error("--schemes times the default path alone: no --backends, --routes or --sweep")
