@@ -1,7 +1,9 @@
 """Calibration files: thresholds Θ = {θ_2|4, θ_4|8} (and θ_fp) for a task (paper §IV-B2).
 
 Written by ``dyqvla-profile``; read by the node's ``calibration_file`` parameter, where it
-overrides the threshold parameters. YAML, top-level key ``dyqvla_calibration``.
+overrides the threshold parameters. YAML, top-level key ``dyqvla_calibration``; it also
+records the quantization scheme profiled (``SCHEME_KEYS``), which the node and
+``dyqvla-eval-sim`` compare with theirs (``scheme_mismatch``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import yaml
 
 CALIBRATION_VERSION = 1
 THRESHOLD_KEYS = ("theta_24", "theta_48", "theta_fp")
+# The quantization scheme a calibration was profiled with ([H]): its thresholds follow the
+# errors of that scheme. Files written before the scheme was recorded were made with these.
+SCHEME_KEYS = ("rotation", "activation_scales", "group_size")
+UNRECORDED_SCHEME = {"rotation": "none", "activation_scales": "token", "group_size": 128}
 
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
@@ -39,6 +45,28 @@ def load_calibration(path: str | Path) -> dict[str, Any]:
 def thresholds(calibration: dict[str, Any]) -> dict[str, float]:
     """The threshold overrides a calibration carries (θ_fp only if present)."""
     return {k: float(calibration[k]) for k in THRESHOLD_KEYS if k in calibration}
+
+
+def calibration_scheme(calibration: dict[str, Any]) -> dict[str, Any]:
+    """The quantization scheme a calibration records (``UNRECORDED_SCHEME`` for what it lacks)."""
+    return {key: calibration.get(key, UNRECORDED_SCHEME[key]) for key in SCHEME_KEYS}
+
+
+def _describe(scheme: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {scheme[key]}" for key in SCHEME_KEYS if key in scheme)
+
+
+def scheme_mismatch(calibration: dict[str, Any], path: str | Path, scheme: dict[str, Any]) -> str | None:
+    """A warning naming both schemes when ``calibration`` (read from ``path``) was made for
+    another quantization scheme than ``scheme`` (the keys of ``SCHEME_KEYS`` it has), else None."""
+    recorded = calibration_scheme(calibration)
+    if all(recorded[key] == value for key, value in scheme.items()):
+        return None
+    recorded = {key: recorded[key] for key in scheme}
+    return (
+        f"calibration {path} was made for {_describe(recorded)}; this runs {_describe(scheme)}: its "
+        "thresholds follow the other scheme's errors (re-make it with dyqvla-profile and these options)"
+    )
 
 
 def error_bound(s: np.ndarray, d_acc: float, eta: float) -> np.ndarray:

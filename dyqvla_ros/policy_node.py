@@ -337,9 +337,17 @@ class PolicyNode(LifecycleNode):
                 f"{', '.join(overridden)} set as parameters are overridden by the calibration file "
                 f"{p.calibration_in_effect} (calibration_file: none to use them)"
             )
+        mismatch = p.calibration_scheme_warning()
+        if mismatch:
+            self.get_logger().warning(mismatch)
+        scheme = (
+            f"W4 group {p.group_size}, rotation {p.rotation}, activation scales per {p.activation_scales}"
+            if p.weight_bits == 4
+            else "W16"
+        )
         self.get_logger().info(
             f"policy up: {self.model_path} on {self.device}, {p.control_rate_hz:g} Hz, "
-            f"precision {p.precision_mode}, kinematic source {p.kinematic_source}, "
+            f"precision {p.precision_mode}, {scheme}, kinematic source {p.kinematic_source}, "
             f"calibration {p.calibration_in_effect or 'none'}"
         )
         return TransitionCallbackReturn.SUCCESS
@@ -393,7 +401,14 @@ class PolicyNode(LifecycleNode):
             loaded = load_openvla(self.model_path, self.device, dtype)
         else:
             loaded = load_quantized_openvla(
-                self.model_path, self.device, dtype, p.group_size, p.quantize_vision, p.cache_dir or None
+                self.model_path,
+                self.device,
+                dtype,
+                p.group_size,
+                p.quantize_vision,
+                p.cache_dir or None,
+                rotation=p.rotation,
+                activation_scales=p.activation_scales,
             )
         prefill = p.prefill_bits if p.prefill_bits == "follow" else int(p.prefill_bits)
         policy = VLAPolicy(
@@ -935,6 +950,9 @@ class PolicyNode(LifecycleNode):
             "goal": self._goal_summary(),
             "precision_mode": p.precision_mode,
             "weight_bits": p.weight_bits,
+            "group_size": p.group_size,
+            "rotation": p.rotation,
+            "activation_scales": p.activation_scales,
             "calibration": p.calibration_in_effect or "none",
             "theta_24": p.theta_24,
             "theta_48": p.theta_48,

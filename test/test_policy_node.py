@@ -35,6 +35,7 @@ from dyqvla_ros.calibration import load_calibration
 from dyqvla_ros.model import VLAPolicy, load_openvla
 from dyqvla_ros.model.embedded import embedded_calibration_path, embedded_policy_path
 from dyqvla_ros.model.loader import LoadedOpenVLA, load_quantized_openvla
+from dyqvla_ros.params import PolicyParams
 from dyqvla_ros.policy_node import PolicyNode
 
 URDF = Path(__file__).parent / "fixtures" / "two_link.urdf"
@@ -46,8 +47,12 @@ NARROW_HIGH = [0.01, 0.005, 0.01, 0.0, 0.0, 0.05, 0.8]
 
 @pytest.fixture(scope="module")
 def embedded_w4() -> LoadedOpenVLA:
-    """The embedded policy's W4 model exactly as the node loads it (same quantized cache)."""
-    return load_quantized_openvla(embedded_policy_path())
+    """The embedded policy's W4 model exactly as the node loads it (same quantized cache,
+    the same quantization scheme: the node's defaults)."""
+    defaults = PolicyParams()
+    return load_quantized_openvla(
+        embedded_policy_path(), rotation=defaults.rotation, activation_scales=defaults.activation_scales
+    )
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +161,10 @@ def test_commands_precision_and_twists(tmp_path, driver, ros_namespace, embedded
     shipped = load_calibration(embedded_calibration_path())
     assert (values["theta_24"], values["theta_48"]) == (str(shipped["theta_24"]), str(shipped["theta_48"]))
     assert "theta_24 set as parameters are overridden by the calibration file" in out
+    # [H] The scheme run, in the log and /diagnostics; the shipped calibration predates it.
+    assert (values["rotation"], values["activation_scales"]) == ("hadamard", "group")
+    assert "W4 group 128, rotation hadamard, activation scales per group" in out
+    assert "was made for rotation none, activation_scales token, group_size 128" in out
 
 
 def vector(v) -> list[float]:

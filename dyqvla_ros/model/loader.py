@@ -143,7 +143,7 @@ def _stream_into(
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(module, QuantLinear) and attr == "weight":
-            module.qweight, module.scales = quantize_weight(tensor, module.group_size)
+            module.qweight, module.scales = quantize_weight(tensor, module.group_size, module.rotation)
         else:
             assign_tensor(model, name, tensor)
         placed.add(name)
@@ -288,15 +288,40 @@ def quantization_patterns(quantize_vision: bool) -> list[str]:
     return patterns
 
 
-def _cache_key(path: Path, group_size: int, quantize_vision: bool, dtype: torch.dtype) -> str:
-    """Identifies a quantized cache entry: the source files (name, size, mtime) + settings."""
+def _cache_key(
+    path: Path,
+    group_size: int,
+    quantize_vision: bool,
+    dtype: torch.dtype,
+    rotation: str = "none",
+    activation_scales: str = "token",
+) -> str:
+    """Identifies a quantized cache entry: the source files (name, size, mtime) + settings,
+    the quantization scheme included (an entry of another scheme is never reused)."""
     digest = hashlib.sha256()
     for file in sorted(path.iterdir()):
         if file.is_file() and file.suffix in (".json", ".safetensors"):
             stat = file.stat()
             digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
     digest.update(f"g{group_size}:v{int(quantize_vision)}:{dtype}:{FORMAT_VERSION}".encode())
+    digest.update(f":r{rotation}:a{activation_scales}".encode())
     return digest.hexdigest()[:16]
+
+
+def _check_scheme(
+    model: nn.Module, cached: Path, group_size: int, rotation: str, activation_scales: str
+) -> None:
+    """CheckpointError unless every quantized layer read from ``cached`` has the scheme asked
+    for (the cache key makes that so; a file copied or renamed into the cache would not)."""
+    asked = {"group_size": group_size, "rotation": rotation, "activation_scales": activation_scales}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            found = {key: getattr(module, key) for key in asked}
+            if found != asked:
+                raise CheckpointError(
+                    f"quantized cache {cached}: layer {name} has {found}, this load asks for {asked}; "
+                    "delete the file to quantize again"
+                )
 
 
 def load_quantized_openvla(
@@ -307,8 +332,15 @@ def load_quantized_openvla(
     quantize_vision: bool = False,
     cache_dir: str | Path | None = None,
     backend: str = "auto",
+    rotation: str = "none",
+    activation_scales: str = "token",
 ) -> LoadedOpenVLA:
     """``load_openvla`` + W4 quantization, quantized once and then reloaded fast.
+
+    ``rotation`` ("none" or "hadamard": a block Hadamard rotation of each quantized
+    linear's input features) and ``activation_scales`` ("token" or "group": one activation
+    scale per token, or per token and weight group) choose the scheme (``quant``); the
+    cache entry is keyed by them, and the layers of an entry read back must carry them.
 
     The first call streams the checkpoint, quantizing each linear of the scope as it is
     read (``_stream_into``: the full-precision model is never resident), and writes the
@@ -321,7 +353,8 @@ def load_quantized_openvla(
     path = Path(path).expanduser()
     checkpoint = inspect_checkpoint(path)
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    cached = cache_dir / f"{path.name}-w4-{_cache_key(path, group_size, quantize_vision, dtype)}.safetensors"
+    key = _cache_key(path, group_size, quantize_vision, dtype, rotation, activation_scales)
+    cached = cache_dir / f"{path.name}-w4-{key}.safetensors"
     patterns = quantization_patterns(quantize_vision)
     device = torch.device(device)
     from_cache = cached.is_file()
@@ -330,13 +363,28 @@ def load_quantized_openvla(
         if from_cache:
             model.to(dtype)  # the dtype the entry was written in
             load_quantized(model, cached, backend=backend, device=device)
+            _check_scheme(model, cached, group_size, rotation, activation_scales)
         else:
             shapes = {name: t.shape for name, t in model.state_dict().items()}
-            empty_quantized_layers(model, group_size, include=patterns, backend=backend)
+            empty_quantized_layers(
+                model,
+                group_size,
+                include=patterns,
+                backend=backend,
+                rotation=rotation,
+                activation_scales=activation_scales,
+            )
             _stream_into(model, shapes, checkpoint.weight_files, path, dtype, device)
             cache_dir.mkdir(parents=True, exist_ok=True)
             save_quantized(model, cached)
-            log.info("quantized %s (group %d) and cached it at %s", path, group_size, cached)
+            log.info(
+                "quantized %s (group %d, rotation %s, activation scales per %s) and cached it at %s",
+                path,
+                group_size,
+                rotation,
+                activation_scales,
+                cached,
+            )
         _finish(model, device, path)
         if device.type == "cpu":
             to_cpu_runtime(model)

@@ -17,12 +17,18 @@ writes everything, per-episode records included, to ``--out`` as JSON
 ``--workers W`` splits the seeds into W contiguous blocks run in parallel processes
 (one torch thread each); each block's controller starts fresh (its first 10 steps warm
 the monitor up at 16 bits), so results depend on W only through that warm-up.
+
+``--rotation`` and ``--activation-scales`` choose the quantization scheme, with the
+node's defaults (``params.DEFAULT_ROTATION``, ``DEFAULT_ACTIVATION_SCALES``); a
+calibration profiled with another scheme is used but warned about (its thresholds were
+set by that scheme's errors).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import sys
 import time
@@ -32,20 +38,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dyqvla_ros.calibration import load_calibration, thresholds
+from dyqvla_ros.calibration import load_calibration, scheme_mismatch, thresholds
 from dyqvla_ros.dispatcher import Dispatcher
 from dyqvla_ros.kinematics import KinematicMonitor
 from dyqvla_ros.model import CheckpointError, VLAPolicy
 from dyqvla_ros.model.config import ACTION_DECODINGS
 from dyqvla_ros.model.embedded import embedded_calibration_path, embedded_policy_path
 from dyqvla_ros.model.loader import load_quantized_openvla
+from dyqvla_ros.params import (
+    ACTIVATION_SCALES,
+    DEFAULT_ACTIVATION_SCALES,
+    DEFAULT_ROTATION,
+    ROTATIONS,
+    PolicyParams,
+)
 from dyqvla_ros.precision import PRECISION_MODES, PrecisionController
-from dyqvla_ros.quant import weight_bytes
+from dyqvla_ros.quant import GROUP_SIZES, weight_bytes
 from dyqvla_ros.sim.env import TabletopEnv
 from dyqvla_ros.sim.evaluation import paired_comparison, paired_table, summarize_mode, table
 from dyqvla_ros.sim.rollout import SIM_KINEMATIC_SOURCES, ClosedLoop
 
 DEFAULT_EVAL_SEED = 100_000
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # each scheme mismatch once per process, not once per mode
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +79,42 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--action-decoding", choices=ACTION_DECODINGS, help="default: the checkpoint's (see VLAPolicy)"
     )
+    add_scheme_arguments(parser)
+
+
+def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
+    """The quantization scheme, as the node's group_size / rotation / activation_scales."""
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        default=PolicyParams().group_size,
+        help=f"INT4 weight group size (default {PolicyParams().group_size}, as the node; the tabletop "
+        "policy's layers have 64 or 128 inputs, so per-group activation scales need 32 or 64 there)",
+    )
+    parser.add_argument(
+        "--rotation",
+        choices=ROTATIONS,
+        default=DEFAULT_ROTATION,
+        help="hadamard: a block Hadamard rotation of each quantized linear's input features "
+        f"(default {DEFAULT_ROTATION}, as the node)",
+    )
+    parser.add_argument(
+        "--activation-scales",
+        choices=ACTIVATION_SCALES,
+        default=DEFAULT_ACTIVATION_SCALES,
+        help="one activation scale per token, or per token and weight group "
+        f"(default {DEFAULT_ACTIVATION_SCALES}, as the node)",
+    )
+
+
+def scheme(args: argparse.Namespace) -> dict:
+    """The quantization scheme the options ask for (``calibration.SCHEME_KEYS``)."""
+    return {
+        "rotation": args.rotation,
+        "activation_scales": args.activation_scales,
+        "group_size": args.group_size,
+    }
 
 
 def calibration_file(args: argparse.Namespace) -> Path | None:
@@ -75,17 +127,35 @@ def calibration_file(args: argparse.Namespace) -> Path | None:
     return None if args.model else embedded_calibration_path()
 
 
+def calibration_thresholds(args: argparse.Namespace) -> dict[str, float]:
+    """The thresholds of ``calibration_file(args)`` (none: {}), with a warning when it was
+    made for another quantization scheme than the one run."""
+    calibration = calibration_file(args)
+    if not calibration:
+        return {}
+    body = load_calibration(calibration)
+    mismatch = scheme_mismatch(body, calibration, scheme(args))
+    if mismatch and mismatch not in _warned:
+        _warned.add(mismatch)
+        log.warning(mismatch)
+    return thresholds(body)
+
+
 def build_loop(args: argparse.Namespace, mode: str) -> ClosedLoop:
     """Environment + the node's policy and precision stack for one mode."""
-    loaded = load_quantized_openvla(args.model or embedded_policy_path())
+    loaded = load_quantized_openvla(
+        args.model or embedded_policy_path(),
+        group_size=args.group_size,
+        rotation=args.rotation,
+        activation_scales=args.activation_scales,
+    )
     policy = VLAPolicy(
         loaded,
         args.unnorm_key,
         restrict_to_actions=args.restrict_to_actions,
         action_decoding=args.action_decoding,
     )
-    calibration = calibration_file(args)
-    overrides = thresholds(load_calibration(calibration)) if calibration else {}
+    overrides = calibration_thresholds(args)
     controller = PrecisionController(KinematicMonitor(), Dispatcher(**overrides), mode)
     env = TabletopEnv(render_size=args.size, max_steps=args.max_steps)
     return ClosedLoop(env, policy, controller, args.kinematic_source)
@@ -170,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "model": str(args.model or embedded_policy_path()),
         "calibration": str(calibration_file(args) or "none"),
+        **scheme(args),
         "kinematic_source": args.kinematic_source,
         "action_decoding": decoding,
         "seeds": [args.seed, args.seed + args.episodes - 1],

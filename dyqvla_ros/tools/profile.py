@@ -6,8 +6,10 @@ percentile history, as the node does, and the steps of all episodes calibrate to
 
 Writes, each atomically and only once everything has been computed:
 
-* ``calibration.yaml``: θ_2|4, θ_4|8 (and θ_fp) with all it took to reproduce them; the
-  node loads it with ``calibration_file``;
+* ``calibration.yaml``: θ_2|4, θ_4|8 (and θ_fp) with all it took to reproduce them, the
+  quantization scheme profiled (``--rotation``, ``--activation-scales``, the group size)
+  included; the node loads it with ``calibration_file`` and warns when it runs another
+  scheme;
 * ``steps.csv``: per step t, M, J, M̃, J̃, S, b̂ and b* (under the calibrated
   thresholds), e^(b) for each b;
 * ``profile.png``: S_t with Θ and b*_t over time; e^(b) against S with ε_a(S);
@@ -84,6 +86,7 @@ from dyqvla_ros.profiling import (
     shuffle_frames,
 )
 from dyqvla_ros.replay_check import ACTION_NAMES, ReplayCheck, format_table, read_params_file
+from dyqvla_ros.tools.eval_sim import add_scheme_arguments, scheme
 
 Plots = dict[str, Callable[[Path], None]]  # file name -> writes the figure to the path given
 
@@ -199,6 +202,7 @@ def calibration_outputs(
             "steps_used": len(usable),
             "model": str(Path(model_path).resolve()),
             "model_sha256": model_fingerprint(Path(model_path)),
+            **scheme(args),  # the quantization scheme profiled (calibration.SCHEME_KEYS)
             "bags": [str(b.resolve()) for b in args.bags],
             "episodes": episodes,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--instruction-topic", default="/instruction")
     parser.add_argument("--instruction", help="use this instead of the bag's instruction topic")
     parser.add_argument("--device", default="cpu")
+    add_scheme_arguments(parser)
     parser.add_argument(
         "--action-topic",
         help="replay check: compare the policy's actions, after the action adapter, with the 7-D actions "
@@ -307,9 +312,14 @@ def main(argv: list[str] | None = None) -> None:
             episodes = shuffle_frames(episodes, args.shuffle_frames)
         params = read_params_file(args.params) if args.params else PolicyParams()
         model_path = args.model or embedded_policy_path()
-        policy = VLAPolicy(
-            load_quantized_openvla(model_path, args.device), args.unnorm_key, restrict_to_actions=True
+        loaded = load_quantized_openvla(
+            model_path,
+            args.device,
+            group_size=scheme(args)["group_size"],
+            rotation=args.rotation,
+            activation_scales=args.activation_scales,
         )
+        policy = VLAPolicy(loaded, args.unnorm_key, restrict_to_actions=True)
         replay = None
         if args.action_topic:
             if policy.action_dim != ACTION_DIM:
