@@ -156,7 +156,11 @@ def test_node_warns_when_its_calibration_was_made_for_another_scheme(tmp_path):
 
 
 def _loop_args(calibration: Path, **options) -> Namespace:
-    defaults = {"rotation": DEFAULT_ROTATION, "activation_scales": DEFAULT_ACTIVATION_SCALES}
+    defaults = {
+        "rotation": DEFAULT_ROTATION,
+        "activation_scales": DEFAULT_ACTIVATION_SCALES,
+        "group_size": 128,
+    }
     return Namespace(model=None, calibration=str(calibration), **{**defaults, **options})
 
 
@@ -194,14 +198,14 @@ def test_eval_sim_and_sensitivity_load_the_scheme_asked_for(tmp_path, monkeypatc
     for main, argv in (
         (eval_sim.main, ["--rotation", "none", "--activation-scales", "token"]),
         (eval_sim.main, []),
-        (sensitivity.main, ["--rotation", "hadamard", "--activation-scales", "token"]),
+        (sensitivity.main, ["--rotation", "hadamard", "--activation-scales", "token", "--group-size", "32"]),
     ):
         with pytest.raises(SystemExit):
             main([*argv, "--model", str(tmp_path), "--out", str(tmp_path / "out")])
-    assert [(k["rotation"], k["activation_scales"]) for k in asked] == [
-        ("none", "token"),
-        (DEFAULT_ROTATION, DEFAULT_ACTIVATION_SCALES),
-        ("hadamard", "token"),
+    assert [(k["rotation"], k["activation_scales"], k["group_size"]) for k in asked] == [
+        ("none", "token", 128),
+        (DEFAULT_ROTATION, DEFAULT_ACTIVATION_SCALES, 128),
+        ("hadamard", "token", 32),
     ]
     with pytest.raises(SystemExit):
         eval_sim.main(["--rotation", "givens"])
