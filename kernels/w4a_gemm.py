@@ -76,7 +76,8 @@ def _split_groups(num_groups, pid_k, SPLIT_K: tl.constexpr):
 
 @triton.jit
 def _group_range(low, high, levels):
-    """Eq. 2 scale and zero point of [min(0, low), max(0, high)] (``levels`` = 2^b - 1)."""
+    """Eq. 2 scale and zero point of [min(0, low), max(0, high)] (``levels`` = 2^b - 1):
+    of a row (per-token scales) or of a row's group (per-group scales)."""
     low = tl.minimum(low, 0.0)
     scale = tl.math.div_rn(tl.maximum(high, 0.0) - low, levels)
     scale = tl.where(scale == 0.0, 1.0, scale)
@@ -173,9 +174,7 @@ def _w4a_gemm_kernel(
             ).to(tl.float32)
             row_min = tl.minimum(row_min, tl.min(x, axis=1))
             row_max = tl.maximum(row_max, tl.max(x, axis=1))
-        scale = tl.math.div_rn(row_max - row_min, tl.full([BLOCK_M], (1 << BITS) - 1, tl.float32))
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        zero = _rne(tl.math.div_rn(-row_min, scale))
+        scale, zero = _group_range(row_min, row_max, tl.full([BLOCK_M], (1 << BITS) - 1, tl.float32))
         offset = ((1 << (BITS - 1)) - zero).to(tl.int32)
     else:
         scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused at 16 bits, per group below
@@ -311,9 +310,7 @@ def _w4a_gemv_kernel(
             high = tl.maximum(high, x)
         row_min = tl.min(low, axis=0)
         row_max = tl.max(high, axis=0)
-        scale = tl.math.div_rn(row_max - row_min, tl.full([1], (1 << BITS) - 1, tl.float32))
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        zero = _rne(tl.math.div_rn(-row_min, scale))
+        scale, zero = _group_range(row_min, row_max, tl.full([1], (1 << BITS) - 1, tl.float32))
 
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for g in range(g_start, g_end):
