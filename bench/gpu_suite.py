@@ -5,8 +5,9 @@
 
 No network, no weights, no ROS: random weights with the real OpenVLA-7B shapes.
 
-1. correctness: every Triton kernel against its PyTorch reference (all bit-widths), and
-   graph-replayed decode against eager decode (same tokens);
+1. correctness: every Triton kernel against its PyTorch reference (all bit-widths, per-token
+   and per-group activation scales), and graph-replayed decode against eager decode (same
+   tokens);
 2. kernels at the language model's shapes, M in {1, 16, 280}: each bit-width vs torch
    bf16, achieved weight GB/s (M = 1) and TOP/s (M = 280), beside the device's measured
    copy bandwidth;
@@ -16,7 +17,9 @@ No network, no weights, no ROS: random weights with the real OpenVLA-7B shapes.
    pick-and-place episode; each eager and with CUDA graphs; p50/p99 ms over --steps
    steps after warm-up, speed-ups against the baseline measured in this run, and peak
    GPU memory per mode;
-4. a launch-configuration sweep of the bare kernel (``bench/kernels.py --sweep``), while
+4. the cost of the [H] schemes (Hadamard rotation, per-group activation scales) per layer
+   at M in {1, 280}, against the plain path in the same run (``bench/kernels.py --schemes``);
+5. a launch-configuration sweep of the bare kernel (``bench/kernels.py --sweep``), while
    the time budget lasts.
 
 A lent GPU comes with minutes, not hours: every section runs even if an earlier one
@@ -88,26 +91,28 @@ def kernel_correctness(device: torch.device, dtype: torch.dtype) -> list[dict]:
             device, dtype
         )
         for bits in BITS:
-            ref = w4a_gemm_reference(x, qweight, scales, bits, group)
             tol = 1e-2 if bits == 16 and dtype != torch.float32 else 1e-4
             configs = [None] + (variants if i == 1 else [])
             if i == 2 and bits == 16:
                 configs.append(LaunchConfig(64, 64))  # the fused kernel the dequant path replaces
-            for config in configs:
-                ours = w4a_gemm(x, qweight, scales, bits, group, config)
-                err = ((ours - ref).abs().max() / ref.abs().max()).item()
-                rows.append(
-                    {
-                        "M": m,
-                        "K": k,
-                        "N": n,
-                        "group": group,
-                        "bits": bits,
-                        "config": "default" if config is None else str(config),
-                        "rel_err": err,
-                        "ok": err <= tol,
-                    }
-                )
+            for scales_per in ("token", "group") if bits < 16 else ("token",):
+                ref = w4a_gemm_reference(x, qweight, scales, bits, group, scales_per)
+                for config in configs:
+                    ours = w4a_gemm(x, qweight, scales, bits, group, config, scales_per)
+                    err = ((ours - ref).abs().max() / ref.abs().max()).item()
+                    name = "default" if config is None else str(config)
+                    rows.append(
+                        {
+                            "M": m,
+                            "K": k,
+                            "N": n,
+                            "group": group,
+                            "bits": bits,
+                            "config": name if scales_per == "token" else f"{name}, group scales",
+                            "rel_err": err,
+                            "ok": err <= tol,
+                        }
+                    )
         if i == 2:
             for bits in BITS[1:]:
                 on_device = quantize_activations(x, bits)
@@ -273,6 +278,8 @@ def print_summary(data: dict) -> None:
     print(f"device copy bandwidth: {data.get('copy_bandwidth_GBps') or float('nan'):.0f} GB/s")
     if data.get("kernels"):
         kernel_bench.print_table(data["kernels"], data["device"])
+    if data.get("schemes"):
+        kernel_bench.print_schemes(data["schemes"], data["device"])
     if data.get("sweep"):
         kernel_bench.print_sweep(data["sweep"])
     if data.get("end_to_end"):
@@ -331,6 +338,10 @@ def main() -> None:
         lambda: kernel_bench.run(linears, [1, 16, 40] if args.quick else [1, 16, 280], device, reps),
     )
     report.section("end_to_end", lambda: end_to_end(device, steps, deadline))
+    report.section(
+        "schemes",
+        lambda: kernel_bench.schemes(linears, [1, 40] if args.quick else [1, 280], device, reps),
+    )
     plan = kernel_bench.QUICK_SWEEP if args.quick else kernel_bench.SWEEP
     sweep_reps = 3 if args.quick else 50
     report.section("sweep", lambda: kernel_bench.sweep(linears, plan, device, sweep_reps, deadline))

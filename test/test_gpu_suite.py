@@ -21,6 +21,9 @@ def test_gpu_suite_quick_runs_and_reports_every_section(tmp_path):
     assert result["errors"] == {}
     assert result["correctness"] and all(r["ok"] for r in result["correctness"])
     assert {r["bits"] for r in result["kernels"]} == {2, 4, 8, 16}
+    assert any("group scales" in r["config"] for r in result["correctness"])
+    schemes = {(r["scheme"], r["M"], r["bits"]) for r in result["schemes"]}
+    assert len(schemes) == 4 * 2 * 4 and all(r["ms"] > 0 for r in result["schemes"])
     steps = result["end_to_end"]["control_step"]
     modes = [r["mode"] for r in steps]
     assert modes[0] == "HF-eager BF16" and modes.count("dynamic (trace)") == 2
@@ -30,7 +33,7 @@ def test_gpu_suite_quick_runs_and_reports_every_section(tmp_path):
     # the sweep: each case's default launch and its alternatives, at A16 and A8
     assert {(r["M"], r["bits"]) for r in result["sweep"]} == {(1, 16), (1, 8), (40, 16), (40, 8)}
     assert sum(r["default"] for r in result["sweep"]) == 4
-    assert "control step mode" in run.stdout and "launch sweep" in run.stdout
+    assert "control step mode" in run.stdout and "launch sweep" in run.stdout and "[H] schemes" in run.stdout
 
 
 def test_gpu_suite_keeps_going_past_a_spent_budget(tmp_path):
