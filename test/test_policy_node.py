@@ -161,10 +161,10 @@ def test_commands_precision_and_twists(tmp_path, driver, ros_namespace, embedded
     shipped = load_calibration(embedded_calibration_path())
     assert (values["theta_24"], values["theta_48"]) == (str(shipped["theta_24"]), str(shipped["theta_48"]))
     assert "theta_24 set as parameters are overridden by the calibration file" in out
-    # [H] The scheme run, in the log and /diagnostics; the shipped calibration predates it.
+    # [H] The scheme run, in the log and /diagnostics; the shipped calibration was made for it.
     assert (values["rotation"], values["activation_scales"]) == ("hadamard", "group")
     assert "W4 group 128, rotation hadamard, activation scales per group" in out
-    assert "was made for rotation none, activation_scales token, group_size 128" in out
+    assert "was made for" not in out
 
 
 def vector(v) -> list[float]:
