@@ -127,28 +127,35 @@ def _calibration(path: Path, **scheme) -> Path:
     return path
 
 
-def test_a_calibration_without_a_scheme_is_the_former_one():
-    shipped = load_calibration(embedded_calibration_path())
-    assert "rotation" not in shipped  # made before [H]: re-made later
-    assert calibration_scheme(shipped) == {
+def test_a_calibration_without_a_scheme_is_the_former_one(tmp_path):
+    old = load_calibration(_calibration(tmp_path / "old.yaml"))  # written before [H]
+    assert calibration_scheme(old) == {
         "rotation": "none",
         "activation_scales": "token",
         "group_size": 128,
     }
-    assert scheme_mismatch(shipped, "c.yaml", {"rotation": "none", "activation_scales": "token"}) is None
-    message = scheme_mismatch(shipped, "c.yaml", {"rotation": "hadamard", "activation_scales": "token"})
+    assert scheme_mismatch(old, "c.yaml", {"rotation": "none", "activation_scales": "token"}) is None
+    message = scheme_mismatch(old, "c.yaml", {"rotation": "hadamard", "activation_scales": "token"})
     assert "c.yaml" in message and "rotation none" in message and "rotation hadamard" in message
 
 
 def test_node_warns_when_its_calibration_was_made_for_another_scheme(tmp_path):
-    # The embedded policy's shipped calibration (rotation none, per token) with the defaults.
-    warning = PolicyParams().calibration_scheme_warning()
+    # The embedded policy's shipped calibration was made with the default scheme.
+    shipped = load_calibration(embedded_calibration_path())
+    assert calibration_scheme(shipped) == {
+        "rotation": "hadamard",
+        "activation_scales": "group",
+        "group_size": 128,
+    }
+    assert PolicyParams().calibration_scheme_warning() is None
+    warning = PolicyParams(rotation="none", activation_scales="token").calibration_scheme_warning()
     assert warning is not None and str(embedded_calibration_path()) in warning
-    assert "rotation none, activation_scales token" in warning
     assert "rotation hadamard, activation_scales group" in warning
-    assert PolicyParams(rotation="none", activation_scales="token").calibration_scheme_warning() is None
-    assert PolicyParams(weight_bits=16).calibration_scheme_warning() is None  # nothing quantized
-    assert PolicyParams(calibration_file="none").calibration_scheme_warning() is None
+    assert "rotation none, activation_scales token" in warning
+    assert (
+        PolicyParams(weight_bits=16, rotation="none").calibration_scheme_warning() is None
+    )  # nothing quantized
+    assert PolicyParams(calibration_file="none", rotation="none").calibration_scheme_warning() is None
     made = _calibration(tmp_path / "c.yaml", rotation="hadamard", activation_scales="group", group_size=128)
     assert PolicyParams(calibration_file=str(made)).calibration_scheme_warning() is None
     warning = PolicyParams(calibration_file=str(made), group_size=64).calibration_scheme_warning()
