@@ -304,7 +304,8 @@ def inductor(linears: list[tuple[str, int, int]], ms: list[int], reps: int) -> l
         dense = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
         layer = quant_layer(dense, "cpu_int4")
         op = _FrozenInt4Mm(layer).eval()
-        with inductor_config.patch(freezing=True), torch.no_grad():
+        # Caches off: a cached graph compiled while no template was offered would be reused.
+        with inductor_config.patch(freezing=True, force_disable_caches=True), torch.no_grad():
             compiled = torch.compile(op, mode="max-autotune")
             for m in ms:
                 x = torch.randn(m, k, dtype=torch.bfloat16)
