@@ -9,7 +9,7 @@ export AMENT_PREFIX_PATH := $(abspath $(VENV))$(if $(AMENT_PREFIX_PATH),:$(AMENT
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint format bench closed-loop embedded-calibration clean
+.PHONY: setup demo test lint format bench closed-loop schemes-closed-loop embedded-calibration clean
 
 setup: $(VENV)/.pkg-stamp
 
@@ -78,6 +78,22 @@ closed-loop: setup
 	$(BIN)/dyqvla-eval-sim --precision 16 8 4 2 dynamic --episodes $(EPISODES) --seed 100000 \
 	    --workers $(WORKERS) --calibration $(CL)/calibration/calibration.yaml --out $(CL)/eval.json
 	$(BIN)/dyqvla-sensitivity --episodes 60 --seed 100000 --stride 2 --out $(CL)/sensitivity
+
+# [H] of BENCHMARKS.md (about 75 min on 2 cores): each quantization scheme calibrated for
+# itself on the same 10 held-out expert episodes, then 16 / 4 / 2 / dynamic on the same seeds.
+SCHEMES_CL := out/schemes_closed_loop
+SCHEMES := none:token:128 hadamard:group:128 none:token:32 hadamard:group:32
+schemes-closed-loop: setup
+	rm -rf $(SCHEMES_CL) && mkdir -p $(SCHEMES_CL)
+	$(BIN)/dyqvla-collect $(SCHEMES_CL)/calib_bag --episodes 10 --seed 50000
+	for s in $(SCHEMES); do \
+	    set -- $$(echo $$s | tr : ' '); opts="--rotation $$1 --activation-scales $$2 --group-size $$3"; \
+	    $(BIN)/dyqvla-profile $(SCHEMES_CL)/calib_bag --rate 10 --out $(SCHEMES_CL)/cal_$$1_$$2_$$3 \
+	        $(CALIB_ARGS) $$opts || exit 1; \
+	    $(BIN)/dyqvla-eval-sim --precision 16 4 2 dynamic --episodes $(EPISODES) --seed 100000 \
+	        --workers $(WORKERS) --calibration $(SCHEMES_CL)/cal_$$1_$$2_$$3/calibration.yaml $$opts \
+	        --out $(SCHEMES_CL)/eval_$$1_$$2_$$3.json || exit 1; \
+	done
 
 # The calibration shipped beside the embedded policy, which the node, the demo and
 # dyqvla-eval-sim use by default with it: the [C] one of BENCHMARKS.md (10 held-out expert
