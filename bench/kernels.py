@@ -133,6 +133,11 @@ def rates(ms: float, bf16_ms: float, layer: QuantLinear, m: int) -> dict:
     }
 
 
+def shape_row(name: str, k: int, n: int, m: int, **values: object) -> dict:
+    """One result row: the layer, its shape and M first, then ``values``."""
+    return {"layer": name, "K": k, "N": n, "M": m, **values}
+
+
 def quant_layer(
     dense: nn.Linear, backend: str, rotation: str = "none", activation_scales: str = "token"
 ) -> QuantLinear:
@@ -185,18 +190,9 @@ def run(
                     for backend, (layer, fn) in timed.items():
                         layer.precision.set(bits)
                         ours = time_ms(partial(fn, xq), device, reps)
-                        rows.append(
-                            {
-                                "layer": name,
-                                "K": k,
-                                "N": n,
-                                "M": m,
-                                "bits": bits,
-                                "backend": backend,
-                                "bf16_ms": base,
-                                **rates(ours, base, layer, m),
-                            }
-                        )
+                        timing = rates(ours, base, layer, m)
+                        row = shape_row(name, k, n, m, bits=bits, backend=backend, bf16_ms=base)
+                        rows.append(row | timing)
     return rows
 
 
@@ -240,17 +236,17 @@ def schemes(
                     )
                 for scheme, ms_ in times.items():
                     rows.append(
-                        {
-                            "layer": name,
-                            "K": k,
-                            "N": n,
-                            "M": m,
-                            "bits": bits,
-                            "backend": backend,
-                            "scheme": scheme,
-                            "ms": ms_,
-                            "ratio_vs_plain": ms_ / times[plain],
-                        }
+                        shape_row(
+                            name,
+                            k,
+                            n,
+                            m,
+                            bits=bits,
+                            backend=backend,
+                            scheme=scheme,
+                            ms=ms_,
+                            ratio_vs_plain=ms_ / times[plain],
+                        )
                     )
     return rows
 
@@ -325,18 +321,18 @@ def inductor(linears: list[tuple[str, int, int]], ms: list[int], reps: int) -> l
                     reps,
                 )
                 rows += [
-                    {
-                        "layer": name,
-                        "K": k,
-                        "N": n,
-                        "M": m,
-                        "variant": variant,
-                        "ms": t,
-                        "speedup_vs_bf16": times["dense bf16"] / t,
-                        "compile_s": compile_s,
-                        "max_rel_diff_vs_op": error,
-                        "isa": str(isa),
-                    }
+                    shape_row(
+                        name,
+                        k,
+                        n,
+                        m,
+                        variant=variant,
+                        ms=t,
+                        speedup_vs_bf16=times["dense bf16"] / t,
+                        compile_s=compile_s,
+                        max_rel_diff_vs_op=error,
+                        isa=str(isa),
+                    )
                     for variant, t in times.items()
                 ]
         torch._dynamo.reset()
