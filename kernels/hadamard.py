@@ -14,10 +14,11 @@ activations (this pre-pass is shared), so their integer semantics stay identical
 
 How: one batched fp32 matmul of the (M * K / B) x B blocks with the B x B matrix, O(K B)
 per token, rather than the O(K log B) butterfly of a fast Walsh-Hadamard transform: on
-this 2-core CPU (one thread, bf16 input, B = 128) the butterfly's log2 B elementwise
-passes took 0.12 / 0.16 ms (M = 1; K = 4096 / 11008) and 19 / 100 ms (M = 280) against the
-matmul's 0.02 / 0.02 and 6 / 21 ms, and on a GPU it is one GEMM launch instead of ~20
-small kernels per layer (``bench/kernels.py --schemes`` times it within the layers).
+this 2-core CPU (one thread, bf16 input, B = 128, nothing else running) the butterfly's
+log2 B elementwise passes took 0.11 / 0.16 ms (M = 1; K = 4096 / 11008) and 16 / 43 ms
+(M = 280) against the matmul's 0.03 / 0.03 and 4.5 / 12 ms, and on a GPU it is one GEMM
+launch instead of ~20 small kernels per layer (``bench/kernels.py --schemes`` times it
+within the layers).
 """
 
 from __future__ import annotations
