@@ -34,7 +34,7 @@ from dyqvla_ros.model.config import ACTION_DECODINGS
 from dyqvla_ros.model.embedded import embedded_calibration_path
 from dyqvla_ros.motion import KINEMATIC_SOURCES
 from dyqvla_ros.precision import PRECISION_MODES
-from dyqvla_ros.quant import ROTATIONS
+from dyqvla_ros.quant import ROTATIONS, Scheme
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -207,13 +207,9 @@ class PolicyParams:
         return str(embedded_calibration_path())
 
     @property
-    def quant_scheme(self) -> dict[str, Any]:
-        """The quantization scheme the W4 model is loaded with (``calibration.SCHEME_KEYS``)."""
-        return {
-            "rotation": self.rotation,
-            "activation_scales": self.activation_scales,
-            "group_size": self.group_size,
-        }
+    def quant_scheme(self) -> Scheme:
+        """The quantization scheme the W4 model is loaded with."""
+        return Scheme(self.group_size, self.rotation, self.activation_scales)
 
     def calibration_scheme_warning(self) -> str | None:
         """A warning when the calibration in effect was made for another quantization scheme
@@ -222,7 +218,7 @@ class PolicyParams:
         if not self.calibration_in_effect or self.weight_bits != 4:
             return None
         calibration = load_calibration(self.calibration_in_effect)
-        return scheme_mismatch(calibration, self.calibration_in_effect, self.quant_scheme)
+        return scheme_mismatch(calibration, self.calibration_in_effect, self.quant_scheme.as_dict())
 
     def validate(self) -> PolicyParams:
         """Raise ValueError naming the first invalid parameter; return the parameters in

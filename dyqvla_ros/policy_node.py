@@ -340,11 +340,7 @@ class PolicyNode(LifecycleNode):
         mismatch = p.calibration_scheme_warning()
         if mismatch:
             self.get_logger().warning(mismatch)
-        scheme = (
-            f"W4 group {p.group_size}, rotation {p.rotation}, activation scales per {p.activation_scales}"
-            if p.weight_bits == 4
-            else "W16"
-        )
+        scheme = f"W4 {p.quant_scheme}" if p.weight_bits == 4 else "W16"
         self.get_logger().info(
             f"policy up: {self.model_path} on {self.device}, {p.control_rate_hz:g} Hz, "
             f"precision {p.precision_mode}, {scheme}, kinematic source {p.kinematic_source}, "

@@ -39,6 +39,7 @@ was 1.3-2.3x faster; at the tiny model's shapes they tie).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import fnmatch
 import functools
@@ -253,6 +254,10 @@ class QuantLinear(nn.Module):
         for name, tensor in zip(_RUNTIME_BUFFERS, runtime, strict=True):
             self.register_buffer(name, tensor, persistent=False)
 
+    @property
+    def scheme(self) -> Scheme:
+        return Scheme(self.group_size, self.rotation, self.activation_scales)
+
     def portable_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qweight, scales) in the portable layout, whichever layout the layer holds
         (converted back bit for bit from the runtime layout: a new copy then)."""
@@ -394,7 +399,12 @@ class Scheme:
         check_activation_scales(self.activation_scales)
 
     def __str__(self) -> str:
-        return f"group {self.group_size}, rotation {self.rotation}, per-{self.activation_scales} scales"
+        scales = f"activation scales per {self.activation_scales}"
+        return f"group {self.group_size}, rotation {self.rotation}, {scales}"
+
+    def as_dict(self) -> dict[str, int | str]:
+        """The fields by name, as calibration files record them (``calibration.SCHEME_KEYS``)."""
+        return dataclasses.asdict(self)
 
 
 def _install_quant_linears(
@@ -501,7 +511,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("model has no quantized layers: call quantize_model(model) first")
-    schemes = {Scheme(m.group_size, m.rotation, m.activation_scales) for m in layers.values()}
+    schemes = {m.scheme for m in layers.values()}
     if len(schemes) != 1:
         raise ValueError(f"save_quantized needs one scheme for all layers, found {sorted(map(str, schemes))}")
     scheme = schemes.pop()

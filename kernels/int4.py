@@ -99,7 +99,6 @@ def check_activation_scales(activation_scales: str) -> str:
 def fake_quantize_activations(x: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
     """x -> s * (Q(x) - z), the values an integer GEMM effectively multiplies (fp32)."""
     q, scale, zero = quantize_activations(x, bits, group_size)
-    if group_size is None:
-        return (q - zero[:, None]) * scale[:, None]
     m, k = q.shape
-    return ((q.view(m, -1, group_size) - zero[:, :, None]) * scale[:, :, None]).view(m, k)
+    per_range = q.view(m, -1, group_size or k)  # (M, ranges, features of one range)
+    return ((per_range - zero.view(m, -1, 1)) * scale.view(m, -1, 1)).view(m, k)

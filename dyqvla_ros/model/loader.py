@@ -36,6 +36,7 @@ from dyqvla_ros.model.modeling import OpenVLA
 from dyqvla_ros.quant import (
     FORMAT_VERSION,
     QuantLinear,
+    Scheme,
     empty_quantized_layers,
     load_quantized,
     quantize_weight,
@@ -313,15 +314,13 @@ def _check_scheme(
 ) -> None:
     """CheckpointError unless every quantized layer read from ``cached`` has the scheme asked
     for (the cache key makes that so; a file copied or renamed into the cache would not)."""
-    asked = {"group_size": group_size, "rotation": rotation, "activation_scales": activation_scales}
+    asked = Scheme(group_size, rotation, activation_scales)
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            found = {key: getattr(module, key) for key in asked}
-            if found != asked:
-                raise CheckpointError(
-                    f"quantized cache {cached}: layer {name} has {found}, this load asks for {asked}; "
-                    "delete the file to quantize again"
-                )
+        if isinstance(module, QuantLinear) and module.scheme != asked:
+            raise CheckpointError(
+                f"quantized cache {cached}: layer {name} has {module.scheme.as_dict()}, this load asks "
+                f"for {asked.as_dict()}; delete the file to quantize again"
+            )
 
 
 def load_quantized_openvla(

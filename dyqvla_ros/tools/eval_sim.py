@@ -53,7 +53,7 @@ from dyqvla_ros.params import (
     PolicyParams,
 )
 from dyqvla_ros.precision import PRECISION_MODES, PrecisionController
-from dyqvla_ros.quant import GROUP_SIZES, weight_bytes
+from dyqvla_ros.quant import GROUP_SIZES, Scheme, weight_bytes
 from dyqvla_ros.sim.env import TabletopEnv
 from dyqvla_ros.sim.evaluation import paired_comparison, paired_table, summarize_mode, table
 from dyqvla_ros.sim.rollout import SIM_KINEMATIC_SOURCES, ClosedLoop
@@ -110,11 +110,7 @@ def add_scheme_arguments(parser: argparse.ArgumentParser) -> None:
 
 def scheme(args: argparse.Namespace) -> dict:
     """The quantization scheme the options ask for (``calibration.SCHEME_KEYS``)."""
-    return {
-        "rotation": args.rotation,
-        "activation_scales": args.activation_scales,
-        "group_size": args.group_size,
-    }
+    return Scheme(args.group_size, args.rotation, args.activation_scales).as_dict()
 
 
 def calibration_file(args: argparse.Namespace) -> Path | None:

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         loaded = load_quantized_openvla(
             model_path,
             args.device,
-            group_size=scheme(args)["group_size"],
+            group_size=args.group_size,
             rotation=args.rotation,
             activation_scales=args.activation_scales,
         )
