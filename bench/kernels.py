@@ -10,7 +10,8 @@ on the runtime layout, ``quant.to_cpu_runtime``), side by side (Triton's interpr
 far too slow for these shapes). ``--dtype float32`` feeds the layers fp32 activations
 (the CPU model's dtype today; the baseline stays bf16). ``--routes`` (CPU) also times
 both paths of ``cpu_int4`` at each M -- the int4 GEMM ("int4 mm") and dequantize +
-bf16 matmul ("int4 deq") -- from which ``w4a_cpu.DEQUANT_MIN_ROWS`` is chosen.
+bf16 matmul ("int4 deq") -- from which ``w4a_cpu.DEQUANT_MIN_ROWS`` is chosen (on CPUs
+with AMX; the header names the CPU's features, ``w4a_cpu.cpu_features``).
 
 ``--schemes`` times the [H] outlier schemes instead: one ``QuantLinear`` forward per
 rotation (none / hadamard) x activation scales (token / group) at M in {1, 280} (or
@@ -21,8 +22,8 @@ reversed every other round) and each time is the median of its rounds, so machin
 drift hits all of them alike.
 
 ``--inductor`` (CPU, [L]) times, side by side at M = 280 (or ``--m``), the cpu_int4
-layer as it runs (16 bits: the int4 GEMM below ``DEQUANT_MIN_ROWS`` rows, dequantize +
-bf16 matmul from there), torch's int4 GEMM op alone, the same op compiled by inductor
+layer as it runs (16 bits: the int4 GEMM, or from ``DEQUANT_MIN_ROWS`` rows on with AMX
+dequantize + bf16 matmul), torch's int4 GEMM op alone, the same op compiled by inductor
 with ``max-autotune`` and frozen weights (where inductor has its AMX / AVX512 WoQ-int4
 GEMM template, it autotunes it against the op), and the dense bf16 ``nn.Linear``: the
 fused-kernel figure behind [L]'s M = 280 target. The compiled variant is measured
@@ -59,7 +60,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from dyqvla_ros.kernels.w4a_cpu import w4a_gemm_int4pack
+from dyqvla_ros.kernels.w4a_cpu import cpu_features, w4a_gemm_int4pack
 from dyqvla_ros.kernels.w4a_gemm import LaunchConfig, launch_config, w4a_gemm
 from dyqvla_ros.quant import QuantLinear, to_cpu_runtime, weight_bytes
 
@@ -484,7 +485,11 @@ def main() -> None:
     if device.type == "cuda" and (args.backends or args.routes):
         parser.error("--backends and --routes choose among the CPU backends; CUDA runs triton")
     threads = torch.get_num_threads()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} threads)"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({threads} threads, {cpu_features()})"
+    )
     described = f"{name}, torch {torch.__version__}, {args.dtype} activations"
     if args.inductor:
         if device.type != "cpu" or args.schemes or args.sweep:

@@ -68,6 +68,7 @@ def phase_step(checkpoint: Path, cache: Path, dtype: str) -> dict:
     import numpy as np
     import torch
 
+    from dyqvla_ros.kernels.w4a_cpu import cpu_features
     from dyqvla_ros.model import VLAPolicy
 
     loaded, _ = _load(checkpoint, cache, dtype)
@@ -81,6 +82,7 @@ def phase_step(checkpoint: Path, cache: Path, dtype: str) -> dict:
         "prompt_tokens": policy.prompt_length(INSTRUCTION)
         + model.vision_backbone.featurizer.patch_embed.num_patches,
         "threads": torch.get_num_threads(),
+        "cpu": cpu_features(),
     }
     for label, bits in (("warm-up", 16), ("16", 16), ("4", 4)):
         vision.clear()
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     model = cold["model_gb"]
     print(f"OpenVLA-7B-sized checkpoint {args.checkpoint}: {len(shards)} shards, {size_gb:.2f} GiB bf16")
     threads = step["threads"]
-    print(f"CPU, {threads} torch threads, {args.dtype} unquantized parts; loaded W4 model {model:.2f} GiB")
+    described = f"CPU ({step['cpu']}), {threads} torch threads, {args.dtype} unquantized parts"
+    print(f"{described}; loaded W4 model {model:.2f} GiB")
     print()
     print("| phase | time (s) | peak RSS (GiB) | peak / model | RSS before | (peak - before) / model |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -40,13 +40,17 @@ found by experiment and torch's ``int4mm_kernel.cpp``):
   (runtime: 0.5 + 5 / G = 0.539 B/param at G = 128, vs 0.516 portable).
 
 The kernel re-dequantizes the weight for every 4 rows of x, so its time grows with M
-(4096 x 4096 on this 2-core machine: 0.5 ms at M = 1, 13 ms at M = 64, ~50 ms at M = 280,
-where a dense bf16 matmul (AMX) takes ~6 ms). From ``DEQUANT_MIN_ROWS`` rows on (where
-``bench/kernels.py --routes`` measured it faster: 0.85-0.9x the GEMM's time at M = 128,
-1.6-1.7x at M = 64), the weight is instead dequantized to bf16 ``DEQUANT_CHUNK_COLUMNS``
-columns at a time (a transient chunk, never the whole layer) and multiplied by torch's
-bf16 matmul: ~25 ms at M = 280, still ~4x a dense bf16 matmul, as the dequantization
-(several elementwise passes) dominates.
+(4096 x 4096 on a 2-core machine with AMX: 0.5 ms at M = 1, 13 ms at M = 64, ~50 ms at
+M = 280, where a dense bf16 matmul (AMX) takes ~6 ms). Where the CPU has AMX tiles, from
+``DEQUANT_MIN_ROWS`` rows on (where ``bench/kernels.py --routes`` measured it faster
+there: 0.85-0.9x the GEMM's time at M = 128, 1.6-1.7x at M = 64), the weight is instead
+dequantized to bf16 ``DEQUANT_CHUNK_COLUMNS`` columns at a time (a transient chunk,
+never the whole layer) and multiplied by torch's bf16 matmul: ~25 ms at M = 280, still
+~4x a dense bf16 matmul, as the dequantization (several elementwise passes) dominates.
+Without AMX the bf16 matmul has no such edge: on a 2-core AVX512-bf16 machine without
+AMX the same route took 1.3-1.8x the GEMM's time at M = 128 and 280 (4096 x 4096, M =
+280: 106 ms vs 79 ms, dense bf16 64 ms), so there the GEMM runs at every M
+(``dequantize_min_rows``).
 
 Precision: float math on the same quantized values, not the integer semantics of the
 reference and the Triton kernel. bits < 16: x's Eq. 2 codes minus the zero point
@@ -91,6 +95,20 @@ DEQUANT_MIN_ROWS = 128  # from here on, dequantize + bf16 matmul (bench/kernels.
 DEQUANT_CHUNK_COLUMNS = 512  # columns dequantized at once on that path
 _RESIDUAL_SHIFT = 13  # fp32 mantissa bits below fp16's: the residual's unit
 INT4PACK_TOLERANCE = 1.5e-2  # max |out - ref| / max |ref| vs the reference (module doc)
+
+
+@functools.cache
+def dequantize_min_rows() -> int | None:
+    """Rows of x from which ``w4a_gemm_int4pack`` dequantizes + multiplies in bf16 on this
+    machine: ``DEQUANT_MIN_ROWS`` where torch can use AMX tiles (its bf16 matmul is then
+    several times the int4 GEMM's speed), None (never) elsewhere (module doc)."""
+    return DEQUANT_MIN_ROWS if torch.cpu._is_amx_tile_supported() else None
+
+
+def cpu_features() -> str:
+    """The CPU as the cpu_int4 routes see it, for benchmark headers: "AVX512, AMX"."""
+    amx = "AMX" if torch.cpu._is_amx_tile_supported() else "no AMX"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {amx}"
 
 
 def _check_bits(bits: int) -> None:
@@ -266,7 +284,8 @@ def w4a_gemm_int4pack(
         x: activations (any float dtype; computed in bf16, see the module doc).
         packed, scale_zeros: from ``to_int4pack`` (the residual is not needed here).
         dequantize: force (True) or forbid (False) the dequantize + matmul path;
-            None: from ``DEQUANT_MIN_ROWS`` rows on (``bench/kernels.py`` times both).
+            None: from ``dequantize_min_rows()`` rows on, if this CPU has a threshold
+            (AMX; ``bench/kernels.py --routes`` times both).
         activation_scales: "token" or "group" (one Eq. 2 range per token and weight
             group). A per-group scale cannot be factored out of the GEMM, so below 16
             bits the activations are quantized and dequantized, s * (Q - z), and that
@@ -289,7 +308,8 @@ def w4a_gemm_int4pack(
     else:
         a = x.bfloat16()
     if dequantize is None:
-        dequantize = m >= DEQUANT_MIN_ROWS
+        min_rows = dequantize_min_rows()
+        dequantize = min_rows is not None and m >= min_rows
     if dequantize:
         out = _dequantized_matmul(a, packed, scale_zeros, group_size).float()
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dyqvla_ros.kernels import w4a_cpu
 from dyqvla_ros.kernels.int4 import pack_int4, quantize_activations, unpack_int4
 from dyqvla_ros.kernels.w4a_cpu import (
     INT4PACK_TOLERANCE,
@@ -243,6 +244,31 @@ def test_int4pack_gemm_within_tolerance_of_reference(m, n, k, group, bits, dequa
         assert out.shape == (m, packed.shape[0]) and out.dtype == torch.float32
         error = ((out[:, :n] - ref).abs().max() / ref.abs().max()).item()
         assert error < INT4PACK_TOLERANCE, f"{x.dtype}: relative error {error:.2e}"
+
+
+@pytest.fixture
+def fresh_route_probe():
+    """``dequantize_min_rows`` caches its CPU probe: clear it around a test that fakes one."""
+    w4a_cpu.dequantize_min_rows.cache_clear()
+    yield
+    w4a_cpu.dequantize_min_rows.cache_clear()
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+def test_int4pack_gemm_dequantizes_from_the_threshold_only_with_amx(monkeypatch, fresh_route_probe, amx):
+    """The dequantize + bf16 matmul route pays off only where torch's bf16 matmul runs on
+    AMX (measured 1.3-1.8x slower than the int4 GEMM without it, kernels/w4a_cpu.py): from
+    DEQUANT_MIN_ROWS rows on with AMX, never without."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    routes = []
+    real = w4a_cpu._dequantized_matmul
+    monkeypatch.setattr(w4a_cpu, "_dequantized_matmul", lambda *a: routes.append(a[0].shape[0]) or real(*a))
+    qweight, scales = random_weights(128, 64, 64, seed=3)
+    packed, scale_zeros, _ = to_int4pack(qweight, scales)
+    rows = w4a_cpu.DEQUANT_MIN_ROWS
+    for m in (1, rows - 1, rows, rows + 152):
+        w4a_gemm_int4pack(torch.randn(m, 128), packed, scale_zeros, 16, 64)
+    assert routes == ([rows, rows + 152] if amx else [])
 
 
 def test_int4pack_gemm_rejects_bad_operands():
