@@ -97,18 +97,24 @@ _RESIDUAL_SHIFT = 13  # fp32 mantissa bits below fp16's: the residual's unit
 INT4PACK_TOLERANCE = 1.5e-2  # max |out - ref| / max |ref| vs the reference (module doc)
 
 
+def _has_amx() -> bool:
+    """Whether torch can run AMX tiles here (a private probe: a torch without it counts as
+    no AMX, which only costs the faster large-M route on such a CPU)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
 @functools.cache
 def dequantize_min_rows() -> int | None:
     """Rows of x from which ``w4a_gemm_int4pack`` dequantizes + multiplies in bf16 on this
     machine: ``DEQUANT_MIN_ROWS`` where torch can use AMX tiles (its bf16 matmul is then
     several times the int4 GEMM's speed), None (never) elsewhere (module doc)."""
-    return DEQUANT_MIN_ROWS if torch.cpu._is_amx_tile_supported() else None
+    return DEQUANT_MIN_ROWS if _has_amx() else None
 
 
 def cpu_features() -> str:
     """The CPU as the cpu_int4 routes see it, for benchmark headers: "AVX512, AMX"."""
-    amx = "AMX" if torch.cpu._is_amx_tile_supported() else "no AMX"
-    return f"{torch.backends.cpu.get_cpu_capability()}, {amx}"
+    return f"{torch.backends.cpu.get_cpu_capability()}, {'AMX' if _has_amx() else 'no AMX'}"
 
 
 def _check_bits(bits: int) -> None:

@@ -271,6 +271,13 @@ def test_int4pack_gemm_dequantizes_from_the_threshold_only_with_amx(monkeypatch,
     assert routes == ([rows, rows + 152] if amx else [])
 
 
+def test_a_torch_without_the_amx_probe_counts_as_no_amx(monkeypatch, fresh_route_probe):
+    """The probe is private torch API: where it is gone, the int4 GEMM runs at every M."""
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert w4a_cpu.dequantize_min_rows() is None
+    assert w4a_cpu.cpu_features().endswith(", no AMX")
+
+
 def test_int4pack_gemm_rejects_bad_operands():
     qweight, scales = random_weights(128, 64, 64, seed=7)
     packed, scale_zeros, _ = to_int4pack(qweight, scales)
