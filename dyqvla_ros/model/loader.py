@@ -237,7 +237,9 @@ def default_dtype(path: str | Path, device: str | torch.device) -> torch.dtype:
     the 4.3 GB those parts take in fp32, which a 7B needs to load within 8 GB; on the tiny
     tabletop policy bf16 gains nothing (21-22 ms per step either way) and changes 1.1 % of
     the 16-bit action tokens (10 % at 4 bits). So: bf16 for models of
-    ``BF16_ON_CPU_FROM_PARAMETERS`` or more, fp32 below.
+    ``BF16_ON_CPU_FROM_PARAMETERS`` or more, fp32 below. Without AMX fp32 matmuls are
+    1.5-1.8x faster than bf16 at those shapes (BENCHMARKS.md [L]), but a 7B still needs
+    bf16 for memory; ``dtype: float32`` is the operator's trade there.
     """
     if torch.device(device).type != "cpu":
         return torch.bfloat16
