@@ -2,16 +2,18 @@
 
 For each layer shape of the Llama-2-7B backbone (hidden 4096, MLP 11008) and
 M in {1, 16, 280} tokens, times every activation bit-width of ``QuantLinear`` and a
-bf16 ``nn.Linear`` on the same device, in the same run, and prints the ratio
+bf16 ``nn.Linear`` on the same device, in the same run (in ``ROUNDS`` alternating
+rounds, each time the median of its rounds, so machine drift hits all alike), and prints
+the ratio
 (bf16 time / ours: > 1 means faster than bf16), achieved weight GB/s at M = 1 and
 TOP/s at M = 280. On CUDA the Triton backend runs; on the CPU the reference, the
 ``cpu`` backend (torch built-ins, portable layout) and ``cpu_int4`` (torch's int4 GEMM
 on the runtime layout, ``quant.to_cpu_runtime``), side by side (Triton's interpreter is
 far too slow for these shapes). ``--dtype float32`` feeds the layers fp32 activations
 (the CPU model's dtype today; the baseline stays bf16). ``--routes`` (CPU) also times
-both paths of ``cpu_int4`` at each M -- the int4 GEMM ("int4 mm") and dequantize +
-bf16 matmul ("int4 deq") -- from which ``w4a_cpu.DEQUANT_MIN_ROWS`` is chosen (on CPUs
-with AMX; the header names the CPU's features, ``w4a_cpu.cpu_features``).
+both paths of ``cpu_int4`` at each M -- the int4 GEMM ("int4 mm") and dequantize + dense
+matmul ("int4 deq": bf16 on CPUs with AMX, fp32 without; the header names the CPU's
+features, ``w4a_cpu.cpu_features``) -- from which ``w4a_cpu.DEQUANT_MIN_ROWS`` is chosen.
 
 ``--schemes`` times the [H] outlier schemes instead: one ``QuantLinear`` forward per
 rotation (none / hadamard) x activation scales (token / group) at M in {1, 280} (or
@@ -22,8 +24,8 @@ reversed every other round) and each time is the median of its rounds, so machin
 drift hits all of them alike.
 
 ``--inductor`` (CPU, [L]) times, side by side at M = 280 (or ``--m``), the cpu_int4
-layer as it runs (16 bits: the int4 GEMM, or from ``DEQUANT_MIN_ROWS`` rows on with AMX
-dequantize + bf16 matmul), torch's int4 GEMM op alone, the same op compiled by inductor
+layer as it runs (16 bits: the int4 GEMM, or from ``DEQUANT_MIN_ROWS`` rows on
+dequantize + dense matmul), torch's int4 GEMM op alone, the same op compiled by inductor
 with ``max-autotune`` and frozen weights (where inductor has its AMX / AVX512 WoQ-int4
 GEMM template, it autotunes it against the op), and the dense bf16 ``nn.Linear``: the
 fused-kernel figure behind [L]'s M = 280 target. The compiled variant is measured
@@ -76,7 +78,8 @@ GROUP = 128
 CPU_BACKENDS = ("reference", "cpu", "cpu_int4")
 # [H] (rotation, activation scales); the first is the plain path the others are compared to.
 SCHEMES = (("none", "token"), ("hadamard", "token"), ("none", "group"), ("hadamard", "group"))
-ROUNDS = 3  # --schemes: alternating rounds of time_ms per scheme
+ROUNDS = 3  # alternating rounds of time_ms per timed variant (time_side_by_side)
+BF16 = "dense bf16"  # the baseline's label among the variants timed side by side
 # Alternatives to launch_config's defaults: (M, configurations tried at that M); the
 # dequant_matmul variant is timed at 16 bits only.
 SWEEP = [
@@ -186,12 +189,14 @@ def run(
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             xq = x.to(dtype)
             with torch.no_grad():
-                base = time_ms(partial(dense, x), device, reps)
                 for bits in BITS:
-                    for backend, (layer, fn) in timed.items():
+                    for layer, _ in timed.values():
                         layer.precision.set(bits)
-                        ours = time_ms(partial(fn, xq), device, reps)
-                        timing = rates(ours, base, layer, m)
+                    fns = {label: partial(fn, xq) for label, (_, fn) in timed.items()}
+                    times = time_side_by_side({BF16: partial(dense, x)} | fns, device, reps)
+                    base = times[BF16]
+                    for backend, (layer, _) in timed.items():
+                        timing = rates(times[backend], base, layer, m)
                         row = shape_row(name, k, n, m, bits=bits, backend=backend, bf16_ms=base)
                         rows.append(row | timing)
     return rows

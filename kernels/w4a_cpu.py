@@ -48,16 +48,26 @@ dequantized to bf16 ``DEQUANT_CHUNK_COLUMNS`` columns at a time (a transient chu
 never the whole layer) and multiplied by torch's bf16 matmul: ~25 ms at M = 280, still
 ~4x a dense bf16 matmul, as the dequantization (several elementwise passes) dominates.
 Without AMX the bf16 matmul has no such edge: on a 2-core AVX512-bf16 machine without
-AMX the same route took 1.3-1.8x the GEMM's time at M = 128 and 280 (4096 x 4096, M =
-280: 106 ms vs 79 ms, dense bf16 64 ms), so there the GEMM runs at every M
-(``dequantize_min_rows``).
+AMX that route took 1.3-1.8x the GEMM's time at M = 128 and 280 (4096 x 4096, M = 280:
+106 ms vs 79 ms, dense bf16 64 ms), while torch's fp32 matmul (MKL) ran 1.5-1.9x faster
+than its bf16 one. So without AMX the dequantizing path multiplies in fp32
+(``dequantize_dtype``): tiles of ``FP32_TILE_ROWS`` x ``FP32_TILE_COLUMNS`` weights
+(4 MiB, cache-sized) dequantized to fp32 by one fused loop that inductor compiles from
+``_dequantize_tile_fp32`` (eager, ~2x slower, where compiling fails: no C++ compiler),
+each multiplied as it is made. Measured there (``bench/kernels.py --routes``, the 7B's
+shapes, side by side): 1.04-1.24x faster than dense bf16 at M = 280 where the int4 GEMM
+reaches 0.79-0.92x; from ~100 rows faster than the int4 GEMM (M = 128: 34 vs 36 ms at
+4096 x 4096, 83 vs 100 ms at 11008 x 4096; M = 64: 22 vs 19 ms), so the same
+``DEQUANT_MIN_ROWS`` applies. The compilation happens in the first large-M call of a
+process (the 7B's shapes: ~28 s with an empty inductor cache, ~7 s with a warm one).
 
 Precision: float math on the same quantized values, not the integer semantics of the
 reference and the Triton kernel. bits < 16: x's Eq. 2 codes minus the zero point
 (integers |Q - z| <= 255, exact in bf16) go through the GEMM and the per-token scale
 is applied to its fp32 result, so no activation value is rounded; bits = 16: x is
 rounded to bf16 (when it is not bf16 already). In both, the weight scales are bf16 and
-the GEMM's output is rounded to bf16; the dequantizing path also rounds q * s to bf16.
+the GEMM's output is rounded to bf16; the bf16 dequantizing path also rounds q * s to
+bf16 (the fp32 one, without AMX, keeps q * s and the GEMM in fp32).
 Max relative error against ``w4a_gemm_reference`` (max |out - ref| / max |ref|),
 measured on this machine (torch 2.14.1, AVX512) over both paths, fp32 and bf16 inputs,
 OpenVLA-7B shapes (4096 -> 4096, 4096 -> 11008, 11008 -> 4096; G = 128; M = 1, 280)
@@ -78,6 +88,7 @@ same shapes and data, Hadamard-rotated or not, both paths:
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -91,10 +102,14 @@ from dyqvla_ros.kernels.int4 import (
 from dyqvla_ros.kernels.w4a_gemm import SUPPORTED_BITS, dequantize_int4_reference
 
 N_ALIGN = 64  # runtime layout columns padded to this (a whole AVX512 or AVX2 block)
-DEQUANT_MIN_ROWS = 128  # from here on, dequantize + bf16 matmul (bench/kernels.py)
-DEQUANT_CHUNK_COLUMNS = 512  # columns dequantized at once on that path
+DEQUANT_MIN_ROWS = 128  # from here on, dequantize + dense matmul (bench/kernels.py)
+DEQUANT_CHUNK_COLUMNS = 512  # columns dequantized at once on the bf16 path
+FP32_TILE_ROWS = 1024  # K rows of a tile on the fp32 path (a multiple of every group size)
+FP32_TILE_COLUMNS = 1024  # its columns (measured best of 256-1024 x 1024-2048 tiles)
 _RESIDUAL_SHIFT = 13  # fp32 mantissa bits below fp16's: the residual's unit
 INT4PACK_TOLERANCE = 1.5e-2  # max |out - ref| / max |ref| vs the reference (module doc)
+
+log = logging.getLogger(__name__)
 
 
 def _has_amx() -> bool:
@@ -105,11 +120,11 @@ def _has_amx() -> bool:
 
 
 @functools.cache
-def dequantize_min_rows() -> int | None:
-    """Rows of x from which ``w4a_gemm_int4pack`` dequantizes + multiplies in bf16 on this
-    machine: ``DEQUANT_MIN_ROWS`` where torch can use AMX tiles (its bf16 matmul is then
-    several times the int4 GEMM's speed), None (never) elsewhere (module doc)."""
-    return DEQUANT_MIN_ROWS if _has_amx() else None
+def dequantize_dtype() -> torch.dtype:
+    """The dtype the dequantizing path multiplies in on this machine: bf16 where torch can
+    use AMX tiles (its bf16 matmul is then several times the int4 GEMM's speed), fp32
+    elsewhere (faster than bf16 there; module doc)."""
+    return torch.bfloat16 if _has_amx() else torch.float32
 
 
 def cpu_features() -> str:
@@ -275,6 +290,72 @@ def _dequantized_matmul(
     return torch.cat(parts, dim=1)
 
 
+def _dequantize_tile_fp32(blocks: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(blocks, K_t, B/2) int4pack bytes and their (K_t / G, blocks * B) fp32 scales ->
+    W^T tile K_t x blocks * B in fp32, q * s exactly (low nibbles are each block's first
+    B/2 columns, so the columns come out in order)."""
+    count, rows, half = blocks.shape
+    low, high = _signed_nibbles(blocks)
+    codes = torch.cat((low.float(), high.float()), dim=2).permute(1, 0, 2).reshape(rows, 2 * half * count)
+    return (codes.view(-1, group_size, codes.shape[1]) * scales[:, None, :]).view(rows, -1)
+
+
+class _TileDequantizer:
+    """``_dequantize_tile_fp32`` compiled by inductor into one fused loop, or eager where
+    compiling fails (no C++ compiler, an unsupported torch): the same values either way."""
+
+    def __init__(self) -> None:
+        self._compiled = torch.compile(_dequantize_tile_fp32)
+        self.fallback_reason: str | None = None
+
+    def __call__(self, blocks: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+        if self.fallback_reason is None:
+            try:
+                return self._compiled(blocks, scales, group_size)
+            except Exception as err:  # inductor's failures share no narrower type
+                self.fallback_reason = f"{type(err).__name__}: {err}".splitlines()[0]
+                log.warning(
+                    "cpu_int4: compiling the fp32 dequantization failed (%s); it runs eagerly, "
+                    "about 2x slower",
+                    self.fallback_reason,
+                )
+        return _dequantize_tile_fp32(blocks, scales, group_size)
+
+
+@functools.cache
+def tile_dequantizer() -> _TileDequantizer:
+    """The process's one fp32 tile dequantizer (compiled once per tile shape, on first use)."""
+    return _TileDequantizer()
+
+
+def _dequantized_matmul_fp32(
+    a: torch.Tensor, packed: torch.Tensor, scale_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """a (M x K_pad) @ the int4pack weight in fp32, ``FP32_TILE_ROWS`` x
+    ``FP32_TILE_COLUMNS`` weights at a time (module doc). -> M x N_pad fp32."""
+    block_n = _known_block_n()
+    blocks = _blocks(packed, block_n)
+    k_pad = blocks.shape[1]
+    scales = scale_zeros[..., 0].float()  # K_pad/G x N_pad: bf16(s), as the int4 GEMM uses
+    a = a.float()
+    dequantize = tile_dequantizer()
+    step = max(1, FP32_TILE_COLUMNS // block_n)
+    parts = []
+    for first in range(0, blocks.shape[0], step):
+        columns = slice(first * block_n, (first + step) * block_n)
+        part = None
+        for row in range(0, k_pad, FP32_TILE_ROWS):
+            end = min(k_pad, row + FP32_TILE_ROWS)
+            tile = dequantize(
+                blocks[first : first + step, row:end],
+                scales[row // group_size : end // group_size, columns],
+                group_size,
+            )
+            part = a[:, row:end] @ tile if part is None else part.addmm_(a[:, row:end], tile)
+        parts.append(part)
+    return torch.cat(parts, dim=1)
+
+
 def w4a_gemm_int4pack(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -289,9 +370,9 @@ def w4a_gemm_int4pack(
     Args:
         x: activations (any float dtype; computed in bf16, see the module doc).
         packed, scale_zeros: from ``to_int4pack`` (the residual is not needed here).
-        dequantize: force (True) or forbid (False) the dequantize + matmul path;
-            None: from ``dequantize_min_rows()`` rows on, if this CPU has a threshold
-            (AMX; ``bench/kernels.py --routes`` times both).
+        dequantize: force (True) or forbid (False) the dequantize + matmul path (in
+            ``dequantize_dtype()``: bf16 with AMX, fp32 without); None: from
+            ``DEQUANT_MIN_ROWS`` rows on (``bench/kernels.py --routes`` times both).
         activation_scales: "token" or "group" (one Eq. 2 range per token and weight
             group). A per-group scale cannot be factored out of the GEMM, so below 16
             bits the activations are quantized and dequantized, s * (Q - z), and that
@@ -314,9 +395,10 @@ def w4a_gemm_int4pack(
     else:
         a = x.bfloat16()
     if dequantize is None:
-        min_rows = dequantize_min_rows()
-        dequantize = min_rows is not None and m >= min_rows
-    if dequantize:
+        dequantize = m >= DEQUANT_MIN_ROWS
+    if dequantize and dequantize_dtype() == torch.float32:
+        out = _dequantized_matmul_fp32(a, packed, scale_zeros, group_size)
+    elif dequantize:
         out = _dequantized_matmul(a, packed, scale_zeros, group_size).float()
     else:
         gemm = torch.ops.aten._weight_int4pack_mm_for_cpu

@@ -217,25 +217,78 @@ def test_int4pack_conversion_is_lossless(k, n, group):
     assert bf16_error.max() <= 2**-8
 
 
-@pytest.mark.parametrize("dequantize", [False, True], ids=["int4-mm", "dequantize"])
+@pytest.fixture
+def fresh_route_probe():
+    """``dequantize_dtype`` caches its CPU probe: clear it around a test that fakes one."""
+    w4a_cpu.dequantize_dtype.cache_clear()
+    yield
+    w4a_cpu.dequantize_dtype.cache_clear()
+
+
+INT4PACK_ROUTES = ["int4-mm", "dequantize-bf16", "dequantize-fp32"]
+
+
+def use_route(monkeypatch: pytest.MonkeyPatch, route: str) -> bool:
+    """Make ``w4a_gemm_int4pack`` take ``route`` on any CPU (the dequantizing dtype is the
+    AMX probe's); returns its ``dequantize`` argument."""
+    amx = route == "dequantize-bf16"
+    monkeypatch.setattr(w4a_cpu, "dequantize_dtype", lambda: torch.bfloat16 if amx else torch.float32)
+    return route != "int4-mm"
+
+
+@pytest.mark.parametrize("route", INT4PACK_ROUTES)
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4pack_gemm_reads_the_portable_codes(group, dequantize):
-    """x = I reads the weight each path multiplies: exactly bf16(q * bf16(s)) of the portable
-    codes (the kernel's u - 8 convention, the layout and the zero points are all right)."""
+def test_int4pack_gemm_reads_the_portable_codes(monkeypatch, group, route):
+    """x = I reads the weight each path multiplies: exactly q * bf16(s) of the portable codes,
+    rounded to bf16 except on the fp32 path (the kernel's u - 8 convention, the layout, the
+    tiles and the zero points are all right)."""
     k, n = 2 * group, 80
     qweight, scales = random_weights(k, n, group, seed=group)
     packed, scale_zeros, _ = to_int4pack(qweight, scales)
+    dequantize = use_route(monkeypatch, route)
     seen = w4a_gemm_int4pack(torch.eye(k), packed, scale_zeros, 16, group, dequantize)[:, :n]
-    expected = dequantize_int4_reference(qweight, scales.bfloat16().float(), group, torch.bfloat16)
+    dtype = torch.float32 if route == "dequantize-fp32" else torch.bfloat16
+    expected = dequantize_int4_reference(qweight, scales.bfloat16().float(), group, dtype)
     assert torch.equal(seen, expected.float())
 
 
-@pytest.mark.parametrize("dequantize", [False, True], ids=["int4-mm", "dequantize"])
+def test_fp32_path_tiles_a_large_weight(monkeypatch):
+    """More rows and columns than one tile, ragged in both: every tile lands in place."""
+    monkeypatch.setattr(w4a_cpu, "FP32_TILE_ROWS", 128)
+    monkeypatch.setattr(w4a_cpu, "FP32_TILE_COLUMNS", 128)
+    k, n, group = 320, 300, 64
+    qweight, scales = random_weights(k, n, group, seed=11)
+    packed, scale_zeros, _ = to_int4pack(qweight, scales)
+    dequantize = use_route(monkeypatch, "dequantize-fp32")
+    seen = w4a_gemm_int4pack(torch.eye(k), packed, scale_zeros, 16, group, dequantize)[:, :n]
+    assert torch.equal(seen, dequantize_int4_reference(qweight, scales.bfloat16().float(), group))
+
+
+def test_compiled_tile_dequantization_equals_eager(caplog):
+    """Inductor's fused loop gives the eager function's values bit for bit; where compiling
+    fails, the eager function runs, with a warning saying why."""
+    qweight, scales = random_weights(256, 128, 64, seed=5)
+    packed, scale_zeros, _ = to_int4pack(qweight, scales)
+    blocks = w4a_cpu._blocks(packed, w4a_cpu._known_block_n())
+    tile_scales = scale_zeros[..., 0].float()
+    eager = w4a_cpu._dequantize_tile_fp32(blocks, tile_scales, 64)
+    assert torch.equal(w4a_cpu.tile_dequantizer()(blocks, tile_scales, 64), eager)
+    assert w4a_cpu.tile_dequantizer().fallback_reason is None
+    broken = w4a_cpu._TileDequantizer()
+    broken._compiled = lambda *_: (_ for _ in ()).throw(RuntimeError("no C++ compiler\nmore"))
+    with caplog.at_level("WARNING"):
+        assert torch.equal(broken(blocks, tile_scales, 64), eager)
+    assert broken.fallback_reason == "RuntimeError: no C++ compiler"
+    assert "compiling the fp32 dequantization failed" in caplog.text
+
+
+@pytest.mark.parametrize("route", INT4PACK_ROUTES)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("m, n, k, group", INT4PACK_SHAPES)
-def test_int4pack_gemm_within_tolerance_of_reference(m, n, k, group, bits, dequantize):
+def test_int4pack_gemm_within_tolerance_of_reference(monkeypatch, m, n, k, group, bits, route):
     """Float math on the same quantized values: within INT4PACK_TOLERANCE (measured <= 6.9e-3,
-    kernels/w4a_cpu.py) of the reference, fp32 and bf16 activations, both paths."""
+    kernels/w4a_cpu.py) of the reference, fp32 and bf16 activations, every path."""
+    dequantize = use_route(monkeypatch, route)
     qweight, scales = random_weights(k, n, group, seed=m * 1000 + n)
     packed, scale_zeros, _ = to_int4pack(qweight, scales)
     for x in (activations(m, k, seed=k), activations(m, k, seed=k).bfloat16()):
@@ -246,35 +299,33 @@ def test_int4pack_gemm_within_tolerance_of_reference(m, n, k, group, bits, dequa
         assert error < INT4PACK_TOLERANCE, f"{x.dtype}: relative error {error:.2e}"
 
 
-@pytest.fixture
-def fresh_route_probe():
-    """``dequantize_min_rows`` caches its CPU probe: clear it around a test that fakes one."""
-    w4a_cpu.dequantize_min_rows.cache_clear()
-    yield
-    w4a_cpu.dequantize_min_rows.cache_clear()
-
-
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
-def test_int4pack_gemm_dequantizes_from_the_threshold_only_with_amx(monkeypatch, fresh_route_probe, amx):
-    """The dequantize + bf16 matmul route pays off only where torch's bf16 matmul runs on
-    AMX (measured 1.3-1.8x slower than the int4 GEMM without it, kernels/w4a_cpu.py): from
-    DEQUANT_MIN_ROWS rows on with AMX, never without."""
+def test_int4pack_gemm_dequantizes_from_the_threshold_in_the_cpus_fast_dtype(
+    monkeypatch, fresh_route_probe, amx
+):
+    """From DEQUANT_MIN_ROWS rows on the weight is dequantized for a dense matmul: in bf16
+    where torch's bf16 matmul runs on AMX, in fp32 elsewhere (bf16 measured 1.3-1.8x slower
+    than the int4 GEMM there, fp32 faster: kernels/w4a_cpu.py)."""
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     routes = []
-    real = w4a_cpu._dequantized_matmul
-    monkeypatch.setattr(w4a_cpu, "_dequantized_matmul", lambda *a: routes.append(a[0].shape[0]) or real(*a))
+    for name in ("_dequantized_matmul", "_dequantized_matmul_fp32"):
+        real = getattr(w4a_cpu, name)
+        monkeypatch.setattr(
+            w4a_cpu, name, lambda *a, n=name, f=real: routes.append((n, a[0].shape[0])) or f(*a)
+        )
     qweight, scales = random_weights(128, 64, 64, seed=3)
     packed, scale_zeros, _ = to_int4pack(qweight, scales)
     rows = w4a_cpu.DEQUANT_MIN_ROWS
     for m in (1, rows - 1, rows, rows + 152):
         w4a_gemm_int4pack(torch.randn(m, 128), packed, scale_zeros, 16, 64)
-    assert routes == ([rows, rows + 152] if amx else [])
+    name = "_dequantized_matmul" if amx else "_dequantized_matmul_fp32"
+    assert routes == [(name, rows), (name, rows + 152)]
 
 
 def test_a_torch_without_the_amx_probe_counts_as_no_amx(monkeypatch, fresh_route_probe):
-    """The probe is private torch API: where it is gone, the int4 GEMM runs at every M."""
+    """The probe is private torch API: where it is gone, the fp32 path serves large M."""
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert w4a_cpu.dequantize_min_rows() is None
+    assert w4a_cpu.dequantize_dtype() == torch.float32
     assert w4a_cpu.cpu_features().endswith(", no AMX")
 
 
