@@ -52,7 +52,7 @@ AMX that route took 1.3-1.8x the GEMM's time at M = 128 and 280 (4096 x 4096, M 
 106 ms vs 79 ms, dense bf16 64 ms), while torch's fp32 matmul (MKL) ran 1.5-1.9x faster
 than its bf16 one. So without AMX the dequantizing path multiplies in fp32
 (``dequantize_dtype``): tiles of ``FP32_TILE_ROWS`` x ``FP32_TILE_COLUMNS`` weights
-(4 MiB, cache-sized) dequantized to fp32 by one fused loop that inductor compiles from
+(4 MiB of fp32 each) dequantized by one fused loop that inductor compiles from
 ``_dequantize_tile_fp32`` (eager, ~2x slower, where compiling fails: no C++ compiler),
 each multiplied as it is made. Measured there (``bench/kernels.py --routes``, the 7B's
 shapes, side by side): 1.04-1.24x faster than dense bf16 at M = 280 where the int4 GEMM
